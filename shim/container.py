@@ -1,0 +1,317 @@
+"""A container: its bundle, rootfs mounts, runc, its init process and its execs.
+
+Exit handling lives here because its order is subtle. For each process one monitor task awaits the
+reaper's exit status, then: waits while a Start for it is in flight (an exit racing Start is
+reported after the start event, containerd#7111); for the init, waits for the running execs' exits
+(an exec's exit comes before its init's, containerd#9719/#10589); then records the exit and calls
+``on_exit`` synchronously so the service appends TaskExit at the moment the state changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+from collections.abc import Callable
+
+from shim import mount
+from shim.options import RuncOptions
+from shim.process import Process, State, Stdio
+from shim.reaper import Reaper
+from shim.runc import Runc, RuncError
+from shim.stdio import ProcessIO
+from shim.ttrpc import Code, TTRPCError
+
+log = logging.getLogger("pyrunc.container")
+
+ExitCallback = Callable[["Container", Process], None]
+_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+EXEC_DRAIN_TIMEOUT = 10.0  # bound on waiting for execs after init died; they are SIGKILLed by then
+
+
+def check_id(kind: str, value: str) -> None:
+    """Ids become file names in the bundle and runc's root: refuse anything that could escape."""
+    if not _VALID_ID.match(value):
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"invalid {kind} {value!r}: must match {_VALID_ID.pattern}")
+
+
+def runtime_error(verb: str, err: RuncError | OSError) -> TTRPCError:
+    """runc failures as the Go shim words them ("OCI runtime create failed: …", code Unknown)."""
+    if isinstance(err, RuncError) and err.not_found:
+        return TTRPCError(Code.NOT_FOUND, f"OCI runtime {verb} failed: {err.message}")
+    message = err.message if isinstance(err, RuncError) else str(err)
+    return TTRPCError(Code.UNKNOWN, f"OCI runtime {verb} failed: {message}")
+
+
+def _read_pid(path: str) -> int:
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+class Container:
+    def __init__(self, id: str, bundle: str, namespace: str, runc: Runc, reaper: Reaper, options: RuncOptions,
+                 init: Process, on_exit: ExitCallback) -> None:
+        self.id = id
+        self.bundle = bundle
+        self.namespace = namespace
+        self.runc = runc
+        self.reaper = reaper
+        self.options = options
+        self.init = init
+        self.execs: dict[str, Process] = {}
+        self.on_exit = on_exit
+        self.rootfs_mounted = False
+        self.kill_all_on_exit = _shares_pid_namespace(bundle)
+        self._starting_execs = 0
+        self._monitors: set[asyncio.Task[None]] = set()
+
+    # -- creation ---------------------------------------------------------------------------------
+    @classmethod
+    async def create(cls, req, namespace: str, reaper: Reaper, options: RuncOptions,
+                     on_exit: ExitCallback) -> Container:
+        check_id("container id", req.id)
+        bundle = req.bundle
+        if not os.path.isabs(bundle) or not os.path.isfile(os.path.join(bundle, "config.json")):
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"bundle {bundle!r} has no config.json")
+        runc = Runc(reaper, options.binary_name or "runc", root=options.runc_root(namespace),
+                    log=os.path.join(bundle, "log.json"), systemd_cgroup=options.systemd_cgroup)
+        init = Process(req.id, req.id, Stdio(req.stdin, req.stdout, req.stderr, req.terminal), is_init=True)
+        container = cls(req.id, bundle, namespace, runc, reaper, options, init, on_exit)
+        options.save(bundle)
+        container._mount_rootfs(req.rootfs)
+        try:
+            init.io = pio = ProcessIO.open(init.stdio)
+            pid_file = os.path.join(bundle, "init.pid")
+            try:
+                await runc.create(req.id, bundle, pid_file=pid_file, no_pivot=options.no_pivot_root,
+                                  no_new_keyring=options.no_new_keyring, stdin=pio.child_fds[0],
+                                  stdout=pio.child_fds[1], stderr=pio.child_fds[2])
+            except (RuncError, OSError) as e:
+                raise runtime_error("create", e) from e
+            pio.release_child_ends()
+            pio.start_relays()
+            init.pid = _read_pid(pid_file)
+        except BaseException:
+            if init.io is not None:
+                init.io.close()
+            container._unmount_rootfs()
+            raise
+        return container
+
+    def _mount_rootfs(self, mounts) -> None:
+        if not mounts:
+            return
+        target = os.path.join(self.bundle, "rootfs")
+        os.makedirs(target, mode=0o711, exist_ok=True)
+        try:
+            for m in mounts:
+                mount.mount(m.type, m.source, target, list(m.options))
+                self.rootfs_mounted = True
+        except OSError as e:
+            self._unmount_rootfs()
+            raise TTRPCError(Code.UNKNOWN, f"failed to mount rootfs component: {e}") from e
+
+    def _unmount_rootfs(self) -> None:
+        if self.rootfs_mounted:
+            try:
+                mount.unmount_all(os.path.join(self.bundle, "rootfs"))
+                self.rootfs_mounted = False
+            except OSError as e:
+                log.warning("unmount rootfs of %s: %s", self.id, e)
+
+    # -- processes --------------------------------------------------------------------------------
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        p = self.execs.get(exec_id)
+        if p is None:
+            raise TTRPCError(Code.NOT_FOUND, f"process {exec_id} does not exist")
+        return p
+
+    def add_exec(self, exec_id: str, stdio: Stdio, spec: bytes) -> Process:
+        check_id("exec id", exec_id)
+        if exec_id in self.execs:
+            raise TTRPCError(Code.ALREADY_EXISTS, f"id {exec_id}: already exists")
+        if self.init.state not in (State.CREATED, State.RUNNING):
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"cannot exec in a {self.init.state.value} state")
+        try:
+            json.loads(spec)
+        except ValueError as e:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"exec spec is not valid JSON: {e}") from e
+        if stdio.terminal:
+            raise TTRPCError(Code.UNIMPLEMENTED, "terminal processes are not supported by pyrunc yet")
+        p = Process(exec_id, self.id, stdio, is_init=False)
+        p.spec = spec
+        self.execs[exec_id] = p
+        return p
+
+    async def start(self, p: Process) -> None:
+        """Start a process. Its monitor holds back its exit until ``p.not_starting`` is set again,
+        which the service does once the start event is in the outbox."""
+        p.check("start")
+        p.not_starting.clear()
+        try:
+            if p.is_init:
+                try:
+                    await self.runc.start(self.id)
+                except (RuncError, OSError) as e:
+                    raise runtime_error("start", e) from e
+            else:
+                await self._exec(p)
+            p.transition("start")
+        except BaseException:
+            p.not_starting.set()
+            raise
+        if not p.is_init:
+            self.monitor(p)
+
+    async def _exec(self, p: Process) -> None:
+        if self.init.exited:
+            raise TTRPCError(Code.FAILED_PRECONDITION, "container's init process has exited")
+        self._starting_execs += 1
+        try:
+            p.io = pio = ProcessIO.open(p.stdio)
+            pid_file = os.path.join(self.bundle, f"{p.id}.pid")
+            try:
+                await self.runc.exec(self.id, p.spec, pid_file=pid_file, detach=True, stdin=pio.child_fds[0],
+                                     stdout=pio.child_fds[1], stderr=pio.child_fds[2])
+                p.pid = _read_pid(pid_file)
+            except (RuncError, OSError) as e:
+                pio.close()
+                p.io = None
+                raise runtime_error("exec", e) from e
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(pid_file)
+            pio.release_child_ends()
+            pio.start_relays()
+        finally:
+            self._starting_execs -= 1
+
+    def monitor(self, p: Process) -> None:
+        task = asyncio.get_running_loop().create_task(self._monitor(p))
+        self._monitors.add(task)
+        task.add_done_callback(self._monitors.discard)
+
+    async def _monitor(self, p: Process) -> None:
+        status = await self.reaper.wait_for(p.pid)
+        await p.not_starting.wait()
+        if p.is_init:
+            if self.kill_all_on_exit:
+                with contextlib.suppress(RuncError, OSError):
+                    await self.runc.kill(self.id, signal.SIGKILL, all=True)
+            await self._drain_execs()
+            self._persist_exit(status)
+        p.set_exited(status)
+        if p.io is not None:
+            p.io.close_stdin()
+        self.on_exit(self, p)
+
+    async def _drain_execs(self) -> None:
+        """Wait until no exec is starting and every started exec's exit was recorded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EXEC_DRAIN_TIMEOUT
+        while loop.time() < deadline:
+            running = [e for e in self.execs.values() if e.pid and not e.exited]
+            if not running and not self._starting_execs:
+                return
+            waits = [asyncio.ensure_future(e.wait()) for e in running]
+            await asyncio.wait(waits or [asyncio.ensure_future(asyncio.sleep(0.01))], timeout=0.05)
+            for w in waits:
+                w.cancel()
+        log.warning("container %s: execs still running %.0fs after init exited", self.id, EXEC_DRAIN_TIMEOUT)
+
+    def _persist_exit(self, status: int) -> None:
+        """For the ``delete`` action, so a crashed shim's exit is reported truly instead of as 137."""
+        with contextlib.suppress(OSError):
+            with open(os.path.join(self.bundle, "init.exit"), "w") as f:
+                f.write(str(status))
+
+    # -- operations -------------------------------------------------------------------------------
+    async def kill(self, p: Process, sig: int, all: bool) -> None:
+        if not 0 <= sig <= 64:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"invalid signal {sig}")
+        if p.is_init:
+            if p.state is State.DELETED or (p.exited and not all):
+                raise TTRPCError(Code.NOT_FOUND, "process already finished")
+            try:
+                await self.runc.kill(self.id, sig, all=all)
+            except RuncError as e:
+                if e.not_running or e.not_found:
+                    raise TTRPCError(Code.NOT_FOUND, "process already finished") from e
+                raise runtime_error("kill", e) from e
+            return
+        if not p.pid:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} not created")
+        if p.exited:
+            raise TTRPCError(Code.NOT_FOUND, "process already finished")
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError as e:
+            raise TTRPCError(Code.NOT_FOUND, "process already finished") from e
+
+    async def delete(self, p: Process) -> None:
+        p.check("delete")
+        if not p.is_init:
+            p.transition("delete")
+            del self.execs[p.id]
+            if p.io is not None:
+                p.io.close()
+            return
+        try:
+            await self.runc.delete(self.id, force=False)
+        except RuncError as e:
+            if not e.not_found:
+                raise runtime_error("delete", e) from e
+        if p.pid and not p.exited:  # a created, never started init: runc delete just killed it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(p.wait(), 2)
+        p.transition("delete")
+        if p.io is not None:
+            p.io.close()
+        for e in self.execs.values():
+            if e.io is not None:
+                e.io.close()
+        self._unmount_rootfs()
+
+    async def pause(self) -> None:
+        self.init.check("pause")
+        try:
+            await self.runc.pause(self.id)
+        except RuncError as e:
+            raise runtime_error("pause", e) from e
+        self.init.transition("pause")
+
+    async def resume(self) -> None:
+        self.init.check("resume")
+        try:
+            await self.runc.resume(self.id)
+        except RuncError as e:
+            raise runtime_error("resume", e) from e
+        self.init.transition("resume")
+
+    async def pids(self) -> list[int]:
+        if self.init.state is State.DELETED:
+            raise TTRPCError(Code.NOT_FOUND, f"container {self.id} is deleted")
+        try:
+            return await self.runc.ps(self.id)
+        except RuncError as e:
+            raise runtime_error("ps", e) from e
+
+
+def _shares_pid_namespace(bundle: str) -> bool:
+    """True when the container has no pid namespace of its own: its processes outlive init,
+    so they are killed when init exits (what the Go shim's ShouldKillAllOnExit decides)."""
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+        for ns in spec.get("linux", {}).get("namespaces", []):
+            if ns.get("type") == "pid":
+                return bool(ns.get("path"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return True

@@ -1,0 +1,81 @@
+"""The long-running shim process that ``start`` forks: subreaper, reaper, publisher, ttrpc server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING
+
+from shim import log as shimlog
+from shim.events import Publisher
+from shim.options import from_bytes
+from shim.reaper import DEVNULL, Reaper, set_child_subreaper
+from shim.runc._capture import data_fd
+from shim.service import TaskService
+from shim.ttrpc import Server, TTRPCError
+
+if TYPE_CHECKING:
+    from shim.cli import ShimArgs
+
+log = logging.getLogger("pyrunc")
+
+TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")  # v3 is v2 renamed
+
+
+def serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int:
+    shimlog.setup(args.bundle, args.debug)
+    try:
+        set_child_subreaper()
+        return asyncio.run(_serve(args, listener, options))
+    except Exception:
+        log.exception("shim failed")
+        return 1
+
+
+async def _serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int:
+    loop = asyncio.get_running_loop()
+    reaper = Reaper()
+    reaper.install()
+
+    async def spawn_publish(argv: list[str], stdin_data: bytes) -> int:
+        fd = data_fd(stdin_data)
+        try:
+            child = reaper.spawn(argv, stdin=fd, stdout=DEVNULL, stderr=DEVNULL)
+        finally:
+            os.close(fd)
+        return await child.wait()
+
+    publisher = Publisher(args.namespace, args.ttrpc_address, args.address, args.publish_binary, spawn_publish)
+    publisher.start()
+    done = asyncio.Event()
+    try:
+        default_options = from_bytes(options)
+    except TTRPCError as e:
+        log.error("ignoring runtime options from start: %s", e.message)
+        default_options = from_bytes(b"")
+    service = TaskService(args.namespace, reaper, publisher.publish, default_options, done.set)
+    server = Server()
+    for name in TASK_SERVICES:
+        server.register(name, service.methods())
+    await server.start(listener)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    log.info("pyrunc shim serving", extra={"fields": {"pid": os.getpid(), "namespace": args.namespace}})
+
+    await done.wait()
+    path = listener.getsockname()
+    # In-flight calls (the Shutdown call itself) get their answers before the connection closes.
+    await server.shutdown(timeout=2)
+    if not await publisher.flush(timeout=5):
+        log.warning("exiting with %d undelivered events", publisher.pending)
+    await publisher.close()
+    reaper.close()
+    with contextlib.suppress(OSError):
+        if isinstance(path, str) and path:
+            os.unlink(path)
+    log.info("pyrunc shim exiting")
+    return 0

@@ -1,0 +1,193 @@
+"""The Task service (containerd.task.v2.Task, served as v3 too): each handler looks up, delegates,
+emits its event. Events are published with no ``await`` between the state change and the append to
+the publisher's outbox, so the outbox order is the order things happened in."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+
+from shim.api.containerd.events import task_pb2 as events
+from shim.api.containerd.runc.v1 import options_pb2
+from shim.api.containerd.task.v2 import shim_pb2 as api
+from shim.api.containerd.types import task_pb2 as types
+from shim.container import Container
+from shim.options import RuncOptions, from_any
+from shim.process import Process, State, Stdio
+from shim.reaper import Reaper
+from shim.ttrpc import Code, Method, ServerContext, TTRPCError
+
+log = logging.getLogger("pyrunc.service")
+
+EMPTY = empty_pb2.Empty()
+STATUS = {
+    State.CREATED: types.CREATED, State.RUNNING: types.RUNNING, State.PAUSED: types.PAUSED,
+    State.STOPPED: types.STOPPED, State.DELETED: types.UNKNOWN,
+}
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def to_any(msg) -> any_pb2.Any:
+    """containerd's typeurl wants the bare full name as type_url."""
+    return any_pb2.Any(type_url=msg.DESCRIPTOR.full_name, value=msg.SerializeToString())
+
+
+class TaskService:
+    def __init__(self, namespace: str, reaper: Reaper, publish: Callable[[object], None],
+                 default_options: RuncOptions, on_empty_shutdown: Callable[[], None]) -> None:
+        self.namespace = namespace
+        self.reaper = reaper
+        self.publish = publish
+        self.default_options = default_options
+        self.on_empty_shutdown = on_empty_shutdown
+        self.containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+
+    def methods(self) -> dict[str, Method]:
+        names = ["State", "Create", "Start", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill", "Exec",
+                 "ResizePty", "CloseIO", "Update", "Wait", "Stats", "Connect", "Shutdown"]
+        request_types = {m.name: m.input_type.full_name.rsplit(".", 1)[1]
+                         for m in api.DESCRIPTOR.services_by_name["Task"].methods}
+        return {n: Method(getattr(self, n), getattr(api, request_types[n])) for n in names}
+
+    def container(self, id: str) -> Container:
+        c = self.containers.get(id)
+        if c is None:
+            raise TTRPCError(Code.NOT_FOUND, f"container {id}: not found")
+        return c
+
+    def process(self, id: str, exec_id: str) -> tuple[Container, Process]:
+        c = self.container(id)
+        return c, c.process(exec_id)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def Create(self, ctx: ServerContext, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
+        if req.id in self.containers or req.id in self._creating:
+            raise TTRPCError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
+        if req.checkpoint or req.parent_checkpoint:
+            raise TTRPCError(Code.UNIMPLEMENTED, "restore from a checkpoint is not supported by pyrunc yet")
+        options = from_any(req.options) if req.HasField("options") else self.default_options
+        self._creating.add(req.id)
+        try:
+            c = await Container.create(req, self.namespace, self.reaper, options, self._exited)
+        finally:
+            self._creating.discard(req.id)
+        self.containers[req.id] = c
+        self.publish(events.TaskCreate(
+            container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, checkpoint=req.checkpoint,
+            io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
+            pid=c.init.pid))
+        c.monitor(c.init)
+        return api.CreateTaskResponse(pid=c.init.pid)
+
+    async def Start(self, ctx: ServerContext, req: api.StartRequest) -> api.StartResponse:
+        c, p = self.process(req.id, req.exec_id)
+        await c.start(p)
+        if p.is_init:
+            self.publish(events.TaskStart(container_id=c.id, pid=p.pid))
+        else:
+            self.publish(events.TaskExecStarted(container_id=c.id, exec_id=p.id, pid=p.pid))
+        p.not_starting.set()  # an exit seen meanwhile may now follow the start event
+        return api.StartResponse(pid=p.pid)
+
+    def _exited(self, c: Container, p: Process) -> None:
+        if p.state is State.DELETED:
+            return  # deleted before it was ever started: containerd already has its answer
+        self.publish(events.TaskExit(container_id=c.id, id=p.id, pid=p.pid, exit_status=p.exit_status,
+                                     exited_at=timestamp(p.exited_at_ns)))
+
+    async def Delete(self, ctx: ServerContext, req: api.DeleteRequest) -> api.DeleteResponse:
+        c, p = self.process(req.id, req.exec_id)
+        await c.delete(p)
+        exited_at = timestamp(p.exited_at_ns)
+        if p.is_init:
+            del self.containers[c.id]
+            self.publish(events.TaskDelete(container_id=c.id, pid=p.pid, exit_status=p.exit_status,
+                                           exited_at=exited_at))
+        return api.DeleteResponse(pid=p.pid, exit_status=p.exit_status, exited_at=exited_at)
+
+    async def Exec(self, ctx: ServerContext, req: api.ExecProcessRequest) -> empty_pb2.Empty:
+        c = self.container(req.id)
+        p = c.add_exec(req.exec_id, Stdio(req.stdin, req.stdout, req.stderr, req.terminal), req.spec.value)
+        self.publish(events.TaskExecAdded(container_id=c.id, exec_id=p.id))
+        return EMPTY
+
+    async def Kill(self, ctx: ServerContext, req: api.KillRequest) -> empty_pb2.Empty:
+        c, p = self.process(req.id, req.exec_id)
+        await c.kill(p, req.signal, req.all)
+        return EMPTY
+
+    async def Wait(self, ctx: ServerContext, req: api.WaitRequest) -> api.WaitResponse:
+        _, p = self.process(req.id, req.exec_id)
+        await p.wait()
+        return api.WaitResponse(exit_status=p.exit_status, exited_at=timestamp(p.exited_at_ns))
+
+    async def Pause(self, ctx: ServerContext, req: api.PauseRequest) -> empty_pb2.Empty:
+        c = self.container(req.id)
+        await c.pause()
+        self.publish(events.TaskPaused(container_id=c.id))
+        return EMPTY
+
+    async def Resume(self, ctx: ServerContext, req: api.ResumeRequest) -> empty_pb2.Empty:
+        c = self.container(req.id)
+        await c.resume()
+        self.publish(events.TaskResumed(container_id=c.id))
+        return EMPTY
+
+    # -- inspection --------------------------------------------------------------------------
+    async def State(self, ctx: ServerContext, req: api.StateRequest) -> api.StateResponse:
+        c, p = self.process(req.id, req.exec_id)
+        s = p.stdio
+        return api.StateResponse(
+            id=p.id, bundle=c.bundle, pid=p.pid, status=STATUS[p.state], stdin=s.stdin, stdout=s.stdout,
+            stderr=s.stderr, terminal=s.terminal, exit_status=p.exit_status,
+            exited_at=timestamp(p.exited_at_ns) if p.exited else None, exec_id=p.exec_id)
+
+    async def Pids(self, ctx: ServerContext, req: api.PidsRequest) -> api.PidsResponse:
+        c = self.container(req.id)
+        exec_by_pid = {e.pid: e.id for e in c.execs.values() if e.pid}
+        infos = []
+        for pid in await c.pids():
+            info = types.ProcessInfo(pid=pid)
+            if pid in exec_by_pid:
+                info.info.CopyFrom(to_any(options_pb2.ProcessDetails(exec_id=exec_by_pid[pid])))
+            infos.append(info)
+        return api.PidsResponse(processes=infos)
+
+    async def Connect(self, ctx: ServerContext, req: api.ConnectRequest) -> api.ConnectResponse:
+        c = self.containers.get(req.id)
+        return api.ConnectResponse(shim_pid=os.getpid(), task_pid=c.init.pid if c else 0)
+
+    async def CloseIO(self, ctx: ServerContext, req: api.CloseIORequest) -> empty_pb2.Empty:
+        _, p = self.process(req.id, req.exec_id)
+        if req.stdin and p.io is not None:
+            p.io.close_stdin()
+        return EMPTY
+
+    async def Shutdown(self, ctx: ServerContext, req: api.ShutdownRequest) -> empty_pb2.Empty:
+        if not self.containers and not self._creating:
+            self.on_empty_shutdown()
+        return EMPTY
+
+    # -- not built yet: say so instead of pretending -----------------------------------------
+    async def ResizePty(self, ctx: ServerContext, req: api.ResizePtyRequest) -> empty_pb2.Empty:
+        _, p = self.process(req.id, req.exec_id)
+        raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} has no terminal")
+
+    async def Checkpoint(self, ctx: ServerContext, req: api.CheckpointTaskRequest) -> empty_pb2.Empty:
+        self.container(req.id)
+        raise TTRPCError(Code.UNIMPLEMENTED, "checkpoint is not supported by pyrunc yet")
+
+    async def Update(self, ctx: ServerContext, req: api.UpdateTaskRequest) -> empty_pb2.Empty:
+        self.container(req.id)
+        raise TTRPCError(Code.UNIMPLEMENTED, "update is not supported by pyrunc yet")
+
+    async def Stats(self, ctx: ServerContext, req: api.StatsRequest) -> api.StatsResponse:
+        self.container(req.id)
+        raise TTRPCError(Code.UNIMPLEMENTED, "stats are not supported by pyrunc yet")
