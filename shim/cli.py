@@ -1,0 +1,618 @@
+"""The containerd-shim-pyrunc-v2 binary: flags, ``start``, ``delete``, ``-v`` and ``-info``.
+
+containerd runs ``start`` to learn a shim's address and ``delete`` to clean up after one, and waits for
+both: they are on its hot path. So this module loads almost nothing up front — no asyncio, protobuf,
+subprocess, json, hashlib or dataclasses: each costs milliseconds against a Python start-up of ~15 ms.
+What an action needs it imports itself. The long-running server (``shim.serve``) is entered only
+through ``start``'s fork.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Mapping, Sequence
+    from typing import NoReturn
+
+PROG = "containerd-shim-pyrunc-v2"
+FALLBACK_VERSION = "0.1.0"  # pyproject's version, for when the package is not installed
+SOCKET_DIR = "/run/containerd/s"  # containerd's state dir + /s; tests point it elsewhere
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, NUL included
+GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")  # in this order
+DEFAULT_RUNC_ROOT = "/run/containerd/runc"
+KILLED_STATUS = 128 + 9  # what delete reports when the real exit is unknown: killed by SIGKILL
+MAX_OOM_SCORE_ADJ = 1000
+
+
+class ShimError(Exception):
+    """A failure with a message clear enough to show containerd's user as is."""
+
+
+class UsageError(Exception):
+    """A bad command line: reported with the usage text, exit status 2, as Go's flag package does."""
+
+
+class HelpRequested(UsageError):
+    """-h / -help: usage text, exit status 0."""
+
+
+class ShimArgs:
+    """The command line, plus the addresses containerd passes in the environment.
+
+    A plain class, not a dataclass: importing dataclasses (and inspect behind it) would more than
+    double the import time of ``start`` and ``delete``.
+    """
+
+    __slots__ = ("namespace", "address", "publish_binary", "id", "bundle", "debug", "socket_path", "action",
+                 "version", "info", "ttrpc_address", "grpc_address")
+
+    def __init__(self, namespace: str = "", address: str = "", publish_binary: str = "containerd", id: str = "",
+                 bundle: str = "", debug: bool = False, socket_path: str = "", action: str | None = None,
+                 version: bool = False, info: bool = False, ttrpc_address: str | None = None,
+                 grpc_address: str | None = None) -> None:
+        self.namespace = namespace
+        self.address = address  # containerd's gRPC socket
+        self.publish_binary = publish_binary
+        self.id = id
+        self.bundle = bundle or os.getcwd()  # containerd runs the shim in the bundle
+        self.debug = debug
+        self.socket_path = socket_path  # the server's listening socket, set by start
+        self.action = action
+        self.version = version
+        self.info = info
+        self.ttrpc_address = os.environ.get("TTRPC_ADDRESS", "") if ttrpc_address is None else ttrpc_address
+        self.grpc_address = os.environ.get("GRPC_ADDRESS", "") if grpc_address is None else grpc_address
+
+    def __repr__(self) -> str:
+        return f"ShimArgs({', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShimArgs):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a dataclass with eq
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+_BOOL_FLAGS = {"debug": "debug", "v": "version", "version": "version", "info": "info"}
+_STRING_FLAGS = {"namespace": "namespace", "address": "address", "publish-binary": "publish_binary", "id": "id",
+                 "bundle": "bundle", "socket": "socket_path"}
+_GO_BOOLS = {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
+             "0": False, "f": False, "F": False, "false": False, "FALSE": False, "False": False}
+
+USAGE = f"""Usage of {PROG}:
+  -address string        grpc address back to main containerd
+  -bundle string         path to the bundle if not workdir
+  -debug                 enable debug output in logs
+  -id string             id of the task
+  -info                  get the runtime info (not supported yet)
+  -namespace string      namespace that owns the shim
+  -publish-binary string path to publish binary (used for publishing events) (default "containerd")
+  -socket string         socket path to serve
+  -v, -version           show the shim version and exit
+action: start | delete
+"""
+
+
+def parse_args(argv: Sequence[str]) -> ShimArgs:
+    """Flags the way Go's flag package reads them: ``-f`` or ``--f``, ``-f value`` or ``-f=value``;
+    booleans take no value (but accept ``-debug=false``); the first word that is not a flag is the
+    action, and what follows it is ignored (newer containerd may append more)."""
+    values: dict[str, object] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if len(arg) < 2 or arg[0] != "-":
+            break
+        i += 1
+        if arg == "--":
+            break
+        name = arg[2:] if arg.startswith("--") else arg[1:]
+        if not name or name[0] in "-=":
+            raise UsageError(f"bad flag syntax: {arg}")
+        name, has_value, value = name.partition("=")
+        if name in ("h", "help"):
+            raise HelpRequested()
+        if name in _BOOL_FLAGS:
+            if has_value and value not in _GO_BOOLS:
+                raise UsageError(f'invalid boolean value "{value}" for -{name}: parse error')
+            values[_BOOL_FLAGS[name]] = _GO_BOOLS[value] if has_value else True
+        elif name in _STRING_FLAGS:
+            if not has_value:
+                if i == len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+                i += 1
+            values[_STRING_FLAGS[name]] = value
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+    return ShimArgs(action=argv[i] if i < len(argv) else None, **values)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console-script entry point; returns the exit status."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except HelpRequested:
+        sys.stderr.write(USAGE)
+        return 0
+    except UsageError as e:
+        sys.stderr.write(f"{e}\n{USAGE}")
+        return 2
+    if args.version:
+        sys.stdout.write(f"{PROG}:\n  Version:  {_version()}\n  Python version: {_python_version()}\n")
+        return 0
+    if args.info:
+        return _fail("-info is not supported yet")
+    if args.action is None:
+        return _fail("missing action (start or delete)")
+    action = {"start": start, "delete": delete}.get(args.action)
+    if action is None:
+        return _fail(f"unknown action {args.action!r} (want start or delete)")
+    if not args.namespace:
+        return _fail("shim namespace cannot be empty")
+    if not args.id:
+        return _fail("shim id cannot be empty")
+    try:
+        return action(args)
+    except (OSError, ValueError, ShimError) as e:
+        return _fail(f"{args.action}: {e}")
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    return 1
+
+
+def _version() -> str:
+    import shim
+
+    version = getattr(shim, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as package_version
+
+        return package_version("pyrunc")
+    except Exception:  # not installed (run from a checkout)
+        return FALLBACK_VERSION
+
+
+def _python_version() -> str:
+    return ".".join(str(n) for n in sys.version_info[:3])
+
+
+# -- start ----------------------------------------------------------------------------------------
+
+def start(args: ShimArgs) -> int:
+    """Make sure a server listens for this container's group, and print its address.
+
+    One server serves a whole group (a Kubernetes pod): if the group's socket is alive, its address
+    is the answer. Otherwise bind a new socket and fork the server with it.
+    """
+    options = _read_stdin()
+    address = socket_address(args.address, args.namespace, group_id(args.bundle, args.id))
+    path = address.removeprefix("unix://")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ShimError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes")
+    listener = _listen(path)
+    if listener is None:
+        write_address(args.bundle, address)
+        _print(address)
+        return 0
+    args.socket_path = path
+    try:
+        # Before the fork, as the Go shim does: the server may read it, and a failure needs no kill.
+        write_address(args.bundle, address)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+    except BaseException:
+        listener.close()
+        _remove(path)
+        raise
+    if pid == 0:
+        _become_server(args, listener, options)
+    listener.close()
+    _adjust_oom_score(pid)
+    try:
+        _print(address)
+    except BaseException:
+        # containerd will never learn the address, so nobody would ever stop this server.
+        import signal
+
+        os.kill(pid, signal.SIGKILL)
+        _remove(path)
+        raise
+    return 0
+
+
+def _read_stdin() -> bytes:
+    """All of stdin: the runtime options (a marshalled protobuf Any), or nothing.
+
+    Kept raw: parsing them needs protobuf, which only the server loads."""
+    stdin = sys.stdin
+    if stdin is None or stdin.isatty():  # no stdin, or a person at a terminal
+        return b""
+    return stdin.buffer.read()
+
+
+def group_id(bundle: str, container_id: str) -> str:
+    """Which group, hence which server, the container belongs to: the first of GROUP_LABELS among the
+    annotations of the bundle's config.json, else the container itself."""
+    with open(os.path.join(bundle, "config.json"), "rb") as f:
+        data = f.read()
+    # Go's encoding/json writes these keys verbatim: when neither occurs there is nothing to parse.
+    if not any(label.encode() in data for label in GROUP_LABELS):
+        return container_id
+    spec = parse_json(data)
+    annotations = spec.get("annotations") if isinstance(spec, dict) else None
+    for label in GROUP_LABELS:
+        if isinstance(annotations, dict) and label in annotations:
+            group = annotations[label]
+            if not isinstance(group, str):
+                raise ShimError(f"config.json: annotation {label} is not a string")
+            return group
+    return container_id
+
+
+def socket_address(address: str, namespace: str, group: str, socket_dir: str | None = None) -> str:
+    """The group's socket, named exactly as containerd's shim.SocketAddress names it:
+    ``unix://<socket dir>/`` + hex sha256 of Go's ``filepath.Join(address, namespace, group)``."""
+    digest = _sha256(go_path_join(address, namespace, group).encode()).hexdigest()
+    return f"unix://{socket_dir or SOCKET_DIR}/{digest}"
+
+
+def go_path_join(*parts: str) -> str:
+    """Go's filepath.Join: the non-empty parts joined with '/', then lexically cleaned."""
+    joined = "/".join(part for part in parts if part)
+    if not joined:
+        return ""
+    cleaned = os.path.normpath(joined)
+    # POSIX lets normpath keep exactly two leading slashes; Go's Clean keeps one.
+    return "/" + cleaned.lstrip("/") if cleaned.startswith("//") else cleaned
+
+
+def _sha256(data: bytes):  # the hash object's type is private to each module
+    # hashlib loads OpenSSL (~3 ms); the interpreter's own SHA-256 is plenty for one digest.
+    try:
+        from _sha256 import sha256  # Python 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # Python 3.12+
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data)
+
+
+def _listen(path: str) -> _socket.socket | None:
+    """A new listening socket at ``path``; None when a live server already listens there."""
+    import errno
+
+    # Only root may enter: the socket is the shim's whole API (never an abstract socket, CVE-2020-15257).
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        return _bind(path)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+    if _is_served(path):
+        return None
+    os.unlink(path)  # left by a server that died without cleaning up
+    return _bind(path)
+
+
+def _bind(path: str) -> _socket.socket:
+    # _socket, not socket: the socket module imports selectors and enum (~9 ms). The server wraps the
+    # fd in a socket.socket, after the fork.
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        os.chmod(path, 0o600)
+        sock.listen(_socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        _remove(path)
+        raise
+    return sock
+
+
+def _is_served(path: str) -> bool:
+    """Whether something accepts connections at ``path`` (Go's CanConnect, 100 ms)."""
+    import _socket
+
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    probe.settimeout(0.1)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except (BlockingIOError, TimeoutError):
+        return True  # a full backlog: alive, only busy
+    finally:
+        probe.close()
+    return True
+
+
+def write_address(bundle: str, address: str) -> None:
+    """``bundle/address``, replaced atomically: containerd 1.6/1.7 reconnect with it after a restart."""
+    path = os.path.join(bundle, "address")
+    tmp = os.path.join(bundle, ".address")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, address.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _print(address: str) -> None:
+    # No newline, like the Go shim: containerd 1.6 takes all of stdout (trimmed) as the address.
+    sys.stdout.write(address)
+    sys.stdout.flush()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _adjust_oom_score(pid: int) -> None:
+    """containerd's oom_score_adj + 1 for the server: under memory pressure the kernel should pick the
+    shim before containerd. Best effort, as an unprivileged or nested containerd may not allow it."""
+    try:
+        with open(f"/proc/{os.getppid()}/oom_score_adj", "rb") as f:
+            score = min(int(f.read()) + 1, MAX_OOM_SCORE_ADJ)
+        with open(f"/proc/{pid}/oom_score_adj", "wb") as f:
+            f.write(str(score).encode())
+    except (OSError, ValueError):
+        pass
+
+
+def _become_server(args: ShimArgs, listener: _socket.socket, options: bytes) -> NoReturn:
+    """The forked child. Whatever happens it ends here, never back in the parent's code."""
+    status: object = 1
+    try:
+        os.setsid()  # out of containerd's session and process group: its signals are not ours
+        _stdio_to_devnull()
+        import socket
+
+        from shim.serve import serve
+
+        server_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=listener.detach())
+        status = serve(args, server_socket, options)
+    except SystemExit as e:
+        status = 0 if e.code is None else e.code
+    except BaseException:
+        _log_crash(args)
+    finally:
+        os._exit(status if isinstance(status, int) and 0 <= status <= 255 else 1)
+
+
+def _stdio_to_devnull() -> None:
+    # containerd 1.6 reads start's stdout and stderr until EOF: the server must not hold them.
+    fd = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+def _log_crash(args: ShimArgs) -> None:
+    """Into containerd's log, since stderr is /dev/null by now."""
+    try:
+        import logging
+
+        from shim import log
+
+        log.setup(args.bundle, args.debug)
+        logging.getLogger("pyrunc").exception("shim server failed")
+    except BaseException:
+        pass
+
+
+# -- delete ---------------------------------------------------------------------------------------
+
+def delete(args: ShimArgs) -> int:
+    """Clean up after a shim that is gone and tell containerd how its container ended.
+
+    Best effort throughout, as the Go shim: what cannot be cleaned is logged on stderr, which
+    containerd logs as "cleanup warnings"; stdout carries only the DeleteResponse.
+    """
+    import time
+
+    options = _saved_options(args)
+    _runc_delete(args, runc_delete_argv(args, options))
+    rootfs = os.path.join(args.bundle, "rootfs")
+    try:
+        if _maybe_mounted(rootfs):
+            from shim.mount import unmount_all
+
+            unmount_all(rootfs)
+    except OSError as e:
+        _log(args, "warning", "failed to cleanup rootfs mount", error=e)
+    pid = _read_int(args, "init.pid", 0)
+    status = _read_int(args, "init.exit", KILLED_STATUS)  # written by the server when init exited
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    sys.stdout.buffer.write(encode_delete_response(pid, status, seconds, nanos))
+    sys.stdout.flush()
+    return 0
+
+
+def _saved_options(args: ShimArgs) -> dict[str, object]:
+    """The runtime options the server saved at Create (``options.json``); defaults when there are none."""
+    try:
+        with open(os.path.join(args.bundle, "options.json"), "rb") as f:
+            options = parse_json(f.read())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        _log(args, "warning", "failed to read options.json, using defaults", error=e)
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def runc_delete_argv(args: ShimArgs, options: Mapping[str, object]) -> list[str]:
+    """``runc delete --force ID`` with the global flags the server ran runc with."""
+    root = os.path.join(str(options.get("root") or DEFAULT_RUNC_ROOT), args.namespace)
+    argv = [str(options.get("binary_name") or "runc"), "--root", root,
+            "--log", os.path.join(args.bundle, "log.json"), "--log-format", "json"]
+    if options.get("systemd_cgroup"):
+        argv.append("--systemd-cgroup")
+    return argv + ["delete", "--force", args.id]
+
+
+def _runc_delete(args: ShimArgs, argv: list[str]) -> None:
+    try:
+        status, output = run(argv)
+    except OSError as e:
+        _log(args, "warning", "failed to remove runc container", error=e)
+        return
+    if status == 0:
+        return
+    text = output.decode(errors="replace").strip() or f"exit status {status}"
+    if "does not exist" in text or "not found" in text:
+        _log(args, "debug", "runc container already gone", error=text)  # the normal case
+    else:
+        _log(args, "warning", "failed to remove runc container", error=text)
+
+
+def run(argv: list[str]) -> tuple[int, bytes]:
+    """Run ``argv`` with stdin from /dev/null; its exit status and its stdout and stderr together.
+
+    posix_spawn, not subprocess: importing subprocess takes longer than runc delete does. Waited for
+    right here: this short-lived process has no reaper (that lives in the server).
+    """
+    import _signal  # signal imports enum; the C module has the numbers
+
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, w, 1),
+            (os.POSIX_SPAWN_DUP2, w, 2),
+        ], setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))  # Python ignores these; a child must not inherit that
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    chunks = []
+    try:
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        _, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status), b"".join(chunks)
+
+
+def _maybe_mounted(path: str) -> bool:
+    """False when nothing is mounted on ``path`` — the usual case, as the server unmounts the rootfs at
+    Delete — found without loading ctypes (~6 ms). True when in doubt."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            table = f.read()
+    except OSError:
+        return True
+    # mountinfo octal-escapes these in its paths.
+    target = os.fsencode(os.path.realpath(path))
+    for ch in b"\\ \t\n":
+        target = target.replace(bytes([ch]), f"\\{ch:03o}".encode())
+    return b" " + target + b" " in table
+
+
+def _read_int(args: ShimArgs, name: str, default: int) -> int:
+    try:
+        with open(os.path.join(args.bundle, name), "rb") as f:
+            return int(f.read())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as e:
+        _log(args, "warning", f"failed to read {name}", error=e)
+        return default
+
+
+def _log(args: ShimArgs, level: str, msg: str, **fields: object) -> None:
+    """A logrus line on stderr. shim.log (and logging) is imported only when there is something to say."""
+    if level == "debug" and not args.debug:
+        return
+    import time
+
+    from shim.log import format_entry
+
+    sys.stderr.write(format_entry(time.time_ns(), level, msg, fields) + "\n")
+    sys.stderr.flush()
+
+
+# -- wire formats, by hand ------------------------------------------------------------------------
+
+def encode_delete_response(pid: int, exit_status: int, seconds: int, nanos: int) -> bytes:
+    """A marshalled ``containerd.task.v2.DeleteResponse`` {pid=1 uint32, exit_status=2 uint32,
+    exited_at=3 Timestamp{seconds=1 int64, nanos=2 int32}}, written by hand: loading protobuf would cost
+    more than all the rest of delete. Zero scalars are omitted (proto3); exited_at is always there."""
+    stamp = _varint_field(1, seconds) + _varint_field(2, nanos)
+    return (_varint_field(1, pid & 0xFFFFFFFF) + _varint_field(2, exit_status & 0xFFFFFFFF)
+            + bytes([3 << 3 | 2]) + _varint(len(stamp)) + stamp)
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value) if value else b""  # wire type 0: varint
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # a negative int32/int64 goes out as its 64-bit two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class _JsonOptions:
+    """What json's C scanner reads off a JSONDecoder: json.loads' defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # NaN, Infinity, -Infinity
+
+
+def parse_json(data: bytes) -> object:
+    """json.loads for our small files, without importing json: json.decoder compiles regular
+    expressions when imported (~10 ms, as much as all the rest of start); the C scanner behind it
+    needs none of that."""
+    text = data.decode("utf-8")
+    try:
+        from _json import make_scanner
+    except ImportError:  # not CPython
+        import json
+
+        return json.loads(text)
+    text = text.strip(" \t\n\r")
+    try:
+        value, end = make_scanner(_JsonOptions)(text, 0)
+    except StopIteration as e:
+        raise ValueError(f"invalid JSON at offset {e.value}") from None
+    if end != len(text):
+        raise ValueError(f"invalid JSON: extra data at offset {end}")
+    return value
