@@ -200,6 +200,8 @@ class Container:
     async def _monitor(self, p: Process) -> None:
         status = await self.reaper.wait_for(p.pid)
         await p.not_starting.wait()
+        if p.io is not None:
+            await p.io.drain(timeout=2.0)
         if p.is_init:
             if self.kill_all_on_exit:
                 with contextlib.suppress(RuncError, OSError):

@@ -22,8 +22,11 @@ ORPHANS = "import os,sys\nfor _ in range(int(sys.argv[1])):\n    pid = os.fork()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def subreaper() -> None:
+def subreaper():
     set_child_subreaper()
+    yield
+    # Later tests start containerd and shims; orphans must not become zombies of the test process.
+    set_child_subreaper(False)
 
 
 def run(test: Callable[[Reaper], Awaitable[None]], **kwargs: object) -> None:

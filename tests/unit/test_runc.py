@@ -72,8 +72,10 @@ class Fake:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def subreaper() -> None:
+def subreaper():
     set_child_subreaper()
+    yield
+    set_child_subreaper(False)  # orphans of later tests must not become our zombies
 
 
 @pytest.fixture
