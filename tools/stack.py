@@ -124,8 +124,10 @@ class PrivateContainerd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> PrivateContainerd:
-        self.bin.mkdir()
-        (self.bin / SHIM_NAME).symlink_to(shim_binary())
+        """Start containerd (again, after :meth:`stop_daemon`: same root, state and sockets)."""
+        if not self.bin.exists():
+            self.bin.mkdir()
+            (self.bin / SHIM_NAME).symlink_to(shim_binary())
         disabled = '"io.containerd.grpc.v1.cri"' if self.disable_cri else ""
         cfg = self.dir / "config.toml"
         cfg.write_text(
@@ -137,7 +139,7 @@ class PrivateContainerd:
         self.proc = subprocess.Popen(
             ["containerd", "--config", str(cfg)],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.log_path, "wb"),  # noqa: SIM115 - lives as long as containerd
+            stderr=open(self.log_path, "ab"),  # noqa: SIM115 - lives as long as containerd
             env=env,
             start_new_session=True,
         )
@@ -163,6 +165,12 @@ class PrivateContainerd:
     def ctr_popen(self, *args: str, **kw) -> subprocess.Popen[bytes]:
         cmd = ["ctr", "--address", self.address, "--namespace", self.namespace, *args]
         return subprocess.Popen(cmd, start_new_session=True, **kw)
+
+    def stop_daemon(self) -> None:
+        """Stop containerd alone, as an upgrade or a crash would: its shims and containers keep running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
