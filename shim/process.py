@@ -61,6 +61,7 @@ class Process:
         self.io: object | None = None  # the stdio plumbing (shim.stdio.ProcessIO) while it is open
         self.spec: bytes = b""  # an exec's OCI process JSON
         self._exited = asyncio.Event()
+        self._settled = asyncio.Event()  # exited, or deleted without ever running: Wait can answer
         # Set while no Start is in flight: an exit seen during Start waits for the start event (7111).
         self.not_starting = asyncio.Event()
         self.not_starting.set()
@@ -80,6 +81,8 @@ class Process:
     def transition(self, op: str) -> None:
         self.check(op)
         self.state = self.lifecycle[op][self.state]
+        if self.state is State.DELETED and not self.pid:
+            self._settled.set()  # an exec deleted before it was started will never exit
 
     def set_exited(self, status: int) -> None:
         """Record the exit; a deleted process stays deleted."""
@@ -88,10 +91,14 @@ class Process:
         self.exit_status = status
         self.exited_at_ns = time.time_ns()
         self._exited.set()
+        self._settled.set()
 
     @property
     def exited(self) -> bool:
         return self._exited.is_set()
 
     async def wait(self) -> None:
-        await self._exited.wait()
+        """Until the process exits; NotFound if it is deleted without ever having run."""
+        await self._settled.wait()
+        if not self._exited.is_set():
+            raise TTRPCError(Code.NOT_FOUND, f"process {self.id} was deleted before it started")

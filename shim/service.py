@@ -4,6 +4,8 @@ the publisher's outbox, so the outbox order is the order things happened in."""
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -38,6 +40,26 @@ def to_any(msg) -> any_pb2.Any:
     return any_pb2.Any(type_url=msg.DESCRIPTOR.full_name, value=msg.SerializeToString())
 
 
+_ERRNO_CODES = {
+    errno.ENOENT: Code.NOT_FOUND, errno.EACCES: Code.PERMISSION_DENIED, errno.EPERM: Code.PERMISSION_DENIED,
+    errno.EINVAL: Code.INVALID_ARGUMENT, errno.ENAMETOOLONG: Code.INVALID_ARGUMENT,
+    errno.ENOTDIR: Code.INVALID_ARGUMENT, errno.EISDIR: Code.INVALID_ARGUMENT, errno.ENXIO: Code.FAILED_PRECONDITION,
+}
+
+
+def _os_errors(handler):
+    """An OSError that escapes a handler (a bad stdio path, say) becomes a clear error with a fitting code."""
+    @functools.wraps(handler)
+    async def wrapped(ctx: ServerContext, req):
+        try:
+            return await handler(ctx, req)
+        except OSError as e:
+            where = f" {e.filename}" if e.filename else ""
+            code = _ERRNO_CODES.get(e.errno, Code.INTERNAL)
+            raise TTRPCError(code, f"{ctx.method}:{where}: {e.strerror or e}") from e
+    return wrapped
+
+
 class TaskService:
     def __init__(self, namespace: str, reaper: Reaper, publish: Callable[[object], None],
                  default_options: RuncOptions, on_empty_shutdown: Callable[[], None]) -> None:
@@ -54,7 +76,7 @@ class TaskService:
                  "ResizePty", "CloseIO", "Update", "Wait", "Stats", "Connect", "Shutdown"]
         request_types = {m.name: m.input_type.full_name.rsplit(".", 1)[1]
                          for m in api.DESCRIPTOR.services_by_name["Task"].methods}
-        return {n: Method(getattr(self, n), getattr(api, request_types[n])) for n in names}
+        return {n: Method(_os_errors(getattr(self, n)), getattr(api, request_types[n])) for n in names}
 
     def container(self, id: str) -> Container:
         c = self.containers.get(id)

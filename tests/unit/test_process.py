@@ -62,11 +62,25 @@ def test_exec_cannot_pause_and_tables_agree():
 def test_exit_of_deleted_process_keeps_it_deleted_and_wakes_waiters():
     async def main():
         p = make()
+        p.pid = 4242  # a created init has a pid: runc delete kills it, and its exit follows
         p.transition("delete")
         waiter = asyncio.ensure_future(p.wait())
         await asyncio.sleep(0)
         p.set_exited(137)
         await asyncio.wait_for(waiter, 1)
         assert (p.state, p.exit_status) == (State.DELETED, 137)
+
+    asyncio.run(main())
+
+
+def test_wait_on_an_exec_deleted_before_it_started_is_not_found():
+    async def main():
+        p = make(is_init=False)
+        waiter = asyncio.ensure_future(p.wait())
+        await asyncio.sleep(0)
+        p.transition("delete")
+        with pytest.raises(TTRPCError) as e:
+            await asyncio.wait_for(waiter, 1)
+        assert e.value.code == Code.NOT_FOUND
 
     asyncio.run(main())
