@@ -6,6 +6,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -435,3 +436,39 @@ def test_client_that_never_reads_is_dropped_and_memory_stays_bounded(tmp_path):
         sock.close()
 
     run(tmp_path, body, write_high_water=256 << 10, write_hard_limit=2 << 20, stall_timeout=0.5)
+
+
+def test_peer_with_another_uid_is_refused_by_default(tmp_path):
+    """SO_PEERCRED: a client running as another user (setuid in a child) is disconnected."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the client as another uid")
+    public = tempfile.mkdtemp(dir="/tmp")  # pytest's tmp_path sits under a root-only dir
+    os.chmod(public, 0o755)
+    client = (
+        "import os, socket, struct, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        f"s.sendall(bytes.fromhex('{encode_frame(1, TYPE_REQUEST, Request(SVC, 'Echo', b'x').encode()).hex()}'))\n"
+        "try:\n    print(repr(s.recv(100)))\n"
+        "except ConnectionResetError:\n    print(repr(b''))\n"
+    )
+
+    async def body(server, path):
+        os.chmod(path, 0o777)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", client, path, stdout=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        assert out.strip() == b"b''", "the server must close the connection without answering"
+        async with await Client.connect(path) as c:  # same user: served
+            assert await c.call(SVC, "Echo", b"me") == b"me"
+
+    try:
+        run(Path(public), body)
+    finally:
+        shutil.rmtree(public)
