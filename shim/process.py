@@ -31,9 +31,13 @@ INIT_LIFECYCLE: dict[str, dict[State, State]] = {
     "resume": {S.PAUSED: S.RUNNING},
     "exit": {S.CREATED: S.STOPPED, S.RUNNING: S.STOPPED, S.PAUSED: S.STOPPED},
     "delete": {S.CREATED: S.DELETED, S.STOPPED: S.DELETED},
+    # operations on a live container that leave its state as it is
+    "update": {S.CREATED: S.CREATED, S.RUNNING: S.RUNNING, S.PAUSED: S.PAUSED},
+    "checkpoint": {S.RUNNING: S.RUNNING, S.PAUSED: S.PAUSED},
 }
+_CONTAINER_OPS = ("pause", "resume", "update", "checkpoint")
 EXEC_LIFECYCLE: dict[str, dict[State, State]] = {
-    op: table for op, table in INIT_LIFECYCLE.items() if op not in ("pause", "resume")
+    op: table for op, table in INIT_LIFECYCLE.items() if op not in _CONTAINER_OPS
 }
 
 
@@ -75,7 +79,7 @@ class Process:
 
     def check(self, op: str) -> None:
         if not self.can(op):
-            kind = "container" if self.is_init and op in ("pause", "resume") else "process"
+            kind = "container" if self.is_init and op in _CONTAINER_OPS else "process"
             raise TTRPCError(Code.FAILED_PRECONDITION, f"cannot {op} a {self.state.value} {kind}")
 
     def transition(self, op: str) -> None:

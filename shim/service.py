@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.runc.v1 import options_pb2
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
-from shim.container import Container
+from shim.container import Container, runtime_error
 from shim.options import RuncOptions, from_any
 from shim.process import Process, State, Stdio
 from shim.reaper import Reaper
+from shim.runc import RuncError
 from shim.ttrpc import Code, Method, ServerContext, TTRPCError
 
 log = logging.getLogger("pyrunc.service")
@@ -207,8 +209,20 @@ class TaskService:
         raise TTRPCError(Code.UNIMPLEMENTED, "checkpoint is not supported by pyrunc yet")
 
     async def Update(self, ctx: ServerContext, req: api.UpdateTaskRequest) -> empty_pb2.Empty:
-        self.container(req.id)
-        raise TTRPCError(Code.UNIMPLEMENTED, "update is not supported by pyrunc yet")
+        """Resources (OCI LinuxResources JSON) go to ``runc update``; annotations are accepted as the
+        Go shim does, with nothing to apply them to."""
+        c = self.container(req.id)
+        c.init.check("update")
+        try:
+            if not isinstance(json.loads(req.resources.value or b"null"), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"resources must be OCI LinuxResources JSON: {e}") from e
+        try:
+            await c.runc.update(c.id, req.resources.value)
+        except RuncError as e:
+            raise runtime_error("update", e) from e
+        return EMPTY
 
     async def Stats(self, ctx: ServerContext, req: api.StatsRequest) -> api.StatsResponse:
         self.container(req.id)
