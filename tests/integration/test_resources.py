@@ -9,11 +9,13 @@ import stat
 import uuid
 from pathlib import Path
 
+import pytest
 from google.protobuf import any_pb2
 
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.ttrpc import Client, Code, TTRPCError
 from tests.integration.test_races import remove, start_detached
+from tests.integration.test_survival import shim_of
 from tools.stack import PYRUNC
 
 TASK = "containerd.task.v2.Task"
@@ -84,3 +86,30 @@ def test_bad_runtime_config_is_a_clear_create_error(containerd, busybox_image, t
                        cid, "true", check=False)
     containerd.ctr("container", "delete", cid, check=False)
     assert r.returncode != 0 and "binary_name must be str" in r.stderr and "invalid argument" in r.stderr
+
+
+def test_shim_cgroup_option_moves_the_shim(containerd, busybox_image, tmp_path):
+    name = f"pyrunc-shim-{uuid.uuid4().hex[:6]}"
+    dirs = [Path("/sys/fs/cgroup") / c / name for c in ("memory", "pids")]
+    if not all(d.parent.is_dir() for d in dirs):
+        pytest.skip("needs cgroup v1 memory and pids hierarchies")
+    for d in dirs:
+        d.mkdir()
+    config = tmp_path / "pyrunc.toml"
+    config.write_text(f'shim_cgroup = "/{name}"\n')
+    cid = f"shimcg-{uuid.uuid4().hex[:6]}"
+    try:
+        containerd.ctr("run", "-d", "--runtime", PYRUNC, "--runtime-config-path", str(config), busybox_image,
+                       cid, "sleep", "1000")
+        shim = shim_of(containerd, cid)
+        assert str(shim) in (dirs[0] / "cgroup.procs").read_text().split()
+        assert f"memory:/{name}" in Path(f"/proc/{shim}/cgroup").read_text()
+    finally:
+        remove(containerd, cid)
+        for d in dirs:
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    asyncio.run(asyncio.sleep(0.1))  # the shim leaves the cgroup when it exits
