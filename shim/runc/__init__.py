@@ -1,6 +1,6 @@
 """runc command-line client: one async method per runc verb, errors parsed from runc's log.json."""
 
-from shim.runc.client import Runc
+from shim.runc.client import CriuOptions, Runc
 from shim.runc.errors import RuncError
 
-__all__ = ["Runc", "RuncError"]
+__all__ = ["CriuOptions", "Runc", "RuncError"]

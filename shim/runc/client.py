@@ -6,11 +6,41 @@ import asyncio
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shim.reaper import DEVNULL, PIPE, Reaper
 from shim.runc._capture import Capture, data_fd
 from shim.runc.errors import RuncError, last_log_error, log_offset
+
+
+@dataclass(frozen=True)
+class CriuOptions:
+    """What checkpoint and restore share (go-runc's CheckpointOpts)."""
+
+    image_path: str
+    work_path: str = ""
+    parent_path: str = ""
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    cgroups_mode: str = ""
+    empty_namespaces: tuple[str, ...] = ()
+
+    def args(self) -> list[str]:
+        out = ["--image-path", self.image_path]
+        if self.work_path:
+            out += ["--work-path", self.work_path]
+        if self.parent_path:
+            out += ["--parent-path", self.parent_path]
+        out += [flag for flag, on in (("--tcp-established", self.tcp_established), ("--ext-unix-sk", self.ext_unix_sk),
+                                      ("--shell-job", self.shell_job), ("--file-locks", self.file_locks)) if on]
+        if self.cgroups_mode:
+            out += ["--manage-cgroups-mode", self.cgroups_mode]
+        for ns in self.empty_namespaces:
+            out += ["--empty-ns", ns]
+        return out
 
 
 class Runc:
@@ -22,7 +52,7 @@ class Runc:
     """
 
     def __init__(self, reaper: Reaper, binary: str = "runc", *, root: str | None = None,
-                 log: str | None = None, systemd_cgroup: bool = False) -> None:
+                 log: str | None = None, systemd_cgroup: bool = False, criu: str | None = None) -> None:
         self.reaper = reaper
         self.binary = binary
         self.root = root
@@ -36,6 +66,8 @@ class Runc:
             self._global += ["--log", log, "--log-format", "json"]
         if systemd_cgroup:
             self._global.append("--systemd-cgroup")
+        if criu:
+            self._global += ["--criu", criu]
 
     # -- verbs -------------------------------------------------------------------------------------
 
@@ -70,6 +102,23 @@ class Runc:
             await self._run("exec", args, **_process_stdio(console_socket, stdin, stdout, stderr))
         finally:
             os.unlink(spec_path)
+
+    async def checkpoint(self, id: str, opts: CriuOptions, *, leave_running: bool = True) -> None:
+        """``runc checkpoint`` (criu dump) into ``opts.image_path``."""
+        await self._run("checkpoint", [*opts.args(), *(["--leave-running"] if leave_running else []), id])
+
+    async def restore(self, id: str, bundle: str, opts: CriuOptions, *, pid_file: str,
+                      console_socket: str | None = None, no_pivot: bool = False, stdin: int | None = None,
+                      stdout: int | None = None, stderr: int | None = None) -> None:
+        """``runc restore --detach`` from ``opts.image_path``; the restored process is reparented to us
+        (``--no-subreaper``: runc must not wait for it, the shim's reaper does)."""
+        args = [*opts.args(), "--detach", "--pid-file", os.path.abspath(pid_file)]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        args += ["--no-subreaper", "--bundle", bundle, id]
+        await self._run("restore", args, **_process_stdio(console_socket, stdin, stdout, stderr))
 
     async def kill(self, id: str, signal: int, all: bool = False) -> None:
         await self._run("kill", [*(["--all"] if all else []), id, str(int(signal))])

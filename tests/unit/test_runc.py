@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from shim.reaper import Reaper, set_child_subreaper
-from shim.runc import Runc, RuncError
+from shim.runc import CriuOptions, Runc, RuncError
 
 FAKE_RUNC = """#!{python} -I
 import json, os, subprocess, sys
@@ -159,6 +159,28 @@ def test_argv_of_each_verb(fake: Fake, tmp_path: Path, monkeypatch: pytest.Monke
         (call,) = fake.calls()
         assert call["argv"] == [*GLOBAL, "update", "--resources", "-", "c1"]
         assert call["stdin"] == '{"memory": {"limit": 1048576}}'
+
+    run(test)
+
+
+def test_checkpoint_and_restore_argv(fake: Fake) -> None:
+    async def test(reaper: Reaper) -> None:
+        runc = Runc(reaper, str(fake.binary), root="/run/R", criu="/usr/sbin/criu")
+        full = CriuOptions("/img", work_path="/work", parent_path="/parent", tcp_established=True, ext_unix_sk=True,
+                           shell_job=True, file_locks=True, cgroups_mode="soft", empty_namespaces=("network", "ipc"))
+        await runc.checkpoint("c1", full)
+        assert fake.argv() == ["--root", "/run/R", "--criu", "/usr/sbin/criu", "checkpoint", "--image-path", "/img",
+                               "--work-path", "/work", "--parent-path", "/parent", "--tcp-established",
+                               "--ext-unix-sk", "--shell-job", "--file-locks", "--manage-cgroups-mode", "soft",
+                               "--empty-ns", "network", "--empty-ns", "ipc", "--leave-running", "c1"]
+        await runc.checkpoint("c1", CriuOptions("/img"), leave_running=False)
+        assert fake.argv() == ["--root", "/run/R", "--criu", "/usr/sbin/criu", "checkpoint", "--image-path", "/img",
+                               "c1"]
+        await runc.restore("c1", "/b", CriuOptions("/img", work_path="/w"), pid_file="/b/init.pid",
+                           console_socket="/s.sock", no_pivot=True)
+        assert fake.argv() == ["--root", "/run/R", "--criu", "/usr/sbin/criu", "restore", "--image-path", "/img",
+                               "--work-path", "/w", "--detach", "--pid-file", "/b/init.pid", "--console-socket",
+                               "/s.sock", "--no-pivot", "--no-subreaper", "--bundle", "/b", "c1"]
 
     run(test)
 
