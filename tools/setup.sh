@@ -9,7 +9,8 @@ packages=(containerd runc busybox-static)
 if [ -n "$extra" ]; then
   # the upstream .proto files the compatibility test compares ours with
   packages+=(golang-github-containerd-containerd-dev golang-github-containerd-cgroups-dev
-             golang-github-containerd-ttrpc-dev golang-github-gogo-protobuf-dev)
+             golang-github-containerd-ttrpc-dev golang-github-gogo-protobuf-dev
+             criu)  # checkpoint tests probe it and skip with the reason when it cannot dump here
 fi
 missing=()
 for p in "${packages[@]}"; do
