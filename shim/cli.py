@@ -4,7 +4,37 @@ containerd runs ``start`` to learn a shim's address and ``delete`` to clean up a
 both: they are on its hot path. So this module loads almost nothing up front — no asyncio, protobuf,
 subprocess, json, hashlib or dataclasses: each costs milliseconds against a Python start-up of ~15 ms.
 What an action needs it imports itself. The long-running server (``shim.serve``) is entered only
-through ``start``'s fork.
+through ``start``'s fork. ``-info`` (not on the hot path) lives in ``shim.info``.
+
+What ``start`` prints depends on what the calling containerd can read back. containerd does not say
+which release it is before 2.3; what it does say, release by release (pkg/shim/util.go ``Command``,
+core/runtime/v2/shim.go ``parseStartResponse``):
+
+=============  ================  =======================  ==================================================
+containerd     MAX_SHIM_VERSION  stdin                    ``start`` prints
+=============  ================  =======================  ==================================================
+1.6            unset             options Any, or nothing  ``unix:///run/containerd/s/<sha256>`` (plain)
+1.7, 2.0–2.2   ``2``             options Any, or nothing  ``{"version":2,"address":"unix://…","protocol":"ttrpc"}``
+2.3 and later  ``2``             BootstrapParams          BootstrapResult{version 3, address, "ttrpc"}, marshalled
+any caller     ``3`` or more     options Any, or nothing  ``{"version":3,…,"protocol":"ttrpc"}``
+=============  ================  =======================  ==================================================
+
+- 1.6 uses all of stdout, trimmed, as the address: anything but the plain address breaks it.
+- 1.7 introduced MAX_SHIM_VERSION, GRPC_ADDRESS and NAMESPACE together, and accepts JSON up to version 2
+  ("unsupported shim version" above). 2.0–2.2 set exactly the same environment (MAX_SHIM_VERSION is still
+  ``2``) and the same stdin, so they cannot be told from 1.7: they get version 2 as well and speak
+  containerd.task.v2 to us, which the server serves next to v3. (Their Go shim answers version 3
+  unconditionally; it never has to run under 1.7.) GRPC_ADDRESS and NAMESPACE add nothing to tell apart.
+- 2.3 is the first to identify itself, by the BootstrapParams on stdin (runtime options in its
+  ``extensions``). It parses a marshalled BootstrapResult before the JSON and plain forms — what its own
+  Go shim prints — so that is the answer, with version 3: task v3.
+- A MAX_SHIM_VERSION above 2 (no containerd sets one yet) is taken at its word, capped at 3.
+
+stdin is told apart as upstream's pkg/shim/compat.go does: a legacy options Any often parses as a
+BootstrapParams too (its type_url and value land in instance_id and namespace), so it counts as one only
+when instance_id and namespace equal ``-id`` and ``-namespace``. Either way the server gets the options
+Any itself (shim.options.from_bytes parses it). Both forms are decoded by hand: loading protobuf would
+cost several times the rest of ``start``.
 """
 
 from __future__ import annotations
@@ -26,6 +56,11 @@ GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")  
 DEFAULT_RUNC_ROOT = "/run/containerd/runc"
 KILLED_STATUS = 128 + 9  # what delete reports when the real exit is unknown: killed by SIGKILL
 MAX_OOM_SCORE_ADJ = 1000
+MAX_SHIM_VERSION_ENV = "MAX_SHIM_VERSION"  # set by containerd 1.7 and later (to 2, so far)
+NEWEST_BOOTSTRAP_VERSION = 3  # version 3 means containerd.task.v3, which the server serves next to v2
+PROTOCOL = "ttrpc"
+OPTIONS_TYPES = ("containerd.runc.v1.Options", "runtimeoptions.v1.Options")  # what shim.options reads
+LOG_LEVEL_DEBUG = -4  # bootstrap.v1.LogLevel: DEBUG, and TRACE (-8) below it, mean -debug
 
 
 class ShimError(Exception):
@@ -91,7 +126,7 @@ USAGE = f"""Usage of {PROG}:
   -bundle string         path to the bundle if not workdir
   -debug                 enable debug output in logs
   -id string             id of the task
-  -info                  get the runtime info (not supported yet)
+  -info                  get the option protobuf from stdin, print the shim info protobuf to stdout, and exit
   -namespace string      namespace that owns the shim
   -publish-binary string path to publish binary (used for publishing events) (default "containerd")
   -socket string         socket path to serve
@@ -146,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{e}\n{USAGE}")
         return 2
     if args.version:
-        sys.stdout.write(f"{PROG}:\n  Version:  {_version()}\n  Python version: {_python_version()}\n")
+        # The Go shim's layout (fmt.Println: "Version: " and its value are two operands, hence two spaces),
+        # ending in an empty line as Go's does; Python's version stands where Go's is.
+        sys.stdout.write(f"{PROG}:\n  Version:  {_version()}\n  Revision: {_revision()}\n"
+                         f"  Python version: {_python_version()}\n\n")
         return 0
     if args.info:
-        return _fail("-info is not supported yet")
+        return _info()
     if args.action is None:
         return _fail("missing action (start or delete)")
     action = {"start": start, "delete": delete}.get(args.action)
@@ -184,27 +222,87 @@ def _version() -> str:
         return FALLBACK_VERSION
 
 
+def _revision() -> str:
+    """The git commit of the checkout this code runs from — what a Go build stamps as its Revision.
+    Empty for an installed copy (as for a Go build without one). Read from .git directly: running git
+    would need subprocess and a git binary."""
+    import shim
+
+    top = os.path.dirname(os.path.dirname(os.path.abspath(shim.__file__)))
+    git = os.path.join(top, ".git")
+    try:
+        if os.path.isfile(git):  # a worktree or submodule: "gitdir: <path>"
+            with open(git) as f:
+                git = os.path.join(top, f.read().strip().removeprefix("gitdir: "))
+        with open(os.path.join(git, "HEAD")) as f:
+            head = f.read().strip()
+        if not head.startswith("ref: "):
+            return head  # detached
+        ref = head.removeprefix("ref: ")
+        common = git  # a worktree keeps its branches in the main repository
+        if os.path.isfile(os.path.join(git, "commondir")):
+            with open(os.path.join(git, "commondir")) as f:
+                common = os.path.join(git, f.read().strip())
+        for where in (git, common):
+            try:
+                with open(os.path.join(where, ref)) as f:
+                    return f.read().strip()
+            except FileNotFoundError:
+                pass
+        with open(os.path.join(common, "packed-refs")) as f:
+            for line in f:
+                commit, _, name = line.strip().partition(" ")
+                if name == ref:
+                    return commit
+    except OSError:
+        pass
+    return ""
+
+
 def _python_version() -> str:
     return ".".join(str(n) for n in sys.version_info[:3])
+
+
+def _info() -> int:
+    """``-info``: a marshalled containerd.types.RuntimeInfo on stdout (see shim.info)."""
+    from shim.info import InfoError, runtime_info
+
+    try:
+        data = runtime_info(_read_stdin(), _version(), _revision()).SerializeToString()
+    except InfoError as e:
+        return _fail(str(e))
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
 
 
 # -- start ----------------------------------------------------------------------------------------
 
 def start(args: ShimArgs) -> int:
-    """Make sure a server listens for this container's group, and print its address.
+    """Make sure a server listens for this container's group, and print its address in the form the
+    calling containerd reads (see the table at the top).
 
     One server serves a whole group (a Kubernetes pod): if the group's socket is alive, its address
     is the answer. Otherwise bind a new socket and fork the server with it.
     """
-    options = _read_stdin()
-    address = socket_address(args.address, args.namespace, group_id(args.bundle, args.id))
+    data = _read_stdin()
+    params = bootstrap_params(data, args.id, args.namespace)
+    options, socket_dir = data, None  # the legacy forms: the options Any itself, or nothing
+    if params is not None:
+        options, socket_dir = params.options, params.socket_dir or None
+        if socket_dir is not None and not socket_dir.startswith("/"):
+            raise ShimError(f"socket_dir {socket_dir!r} is not an absolute path")
+        params.apply(args)
+    form, version = answer_form(params is not None, os.environ.get(MAX_SHIM_VERSION_ENV))
+    address = socket_address(args.address, args.namespace, group_id(args.bundle, args.id), socket_dir)
     path = address.removeprefix("unix://")
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ShimError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes")
+    answer = encode_answer(form, version, address)
     listener = _listen(path)
     if listener is None:
         write_address(args.bundle, address)
-        _print(address)
+        _print(answer)
         return 0
     args.socket_path = path
     try:
@@ -222,7 +320,7 @@ def start(args: ShimArgs) -> int:
     listener.close()
     _adjust_oom_score(pid)
     try:
-        _print(address)
+        _print(answer)
     except BaseException:
         # containerd will never learn the address, so nobody would ever stop this server.
         import signal
@@ -233,14 +331,77 @@ def start(args: ShimArgs) -> int:
     return 0
 
 
-def _read_stdin() -> bytes:
-    """All of stdin: the runtime options (a marshalled protobuf Any), or nothing.
+def answer_form(bootstrap: bool, max_shim_version: str | None) -> tuple[str, int]:
+    """How ``start`` answers: ("plain", 0), ("json", 2 or 3) or ("protobuf", 3) — the table at the top.
+    ``bootstrap``: stdin held a BootstrapParams; ``max_shim_version``: $MAX_SHIM_VERSION, if set."""
+    if bootstrap:
+        return "protobuf", NEWEST_BOOTSTRAP_VERSION
+    try:
+        most = int(max_shim_version or "0")
+    except ValueError:
+        most = 0  # garbage is no promise: the plain address is the one answer every containerd reads
+    if most < 2:
+        return "plain", 0
+    return "json", min(most, NEWEST_BOOTSTRAP_VERSION)
 
-    Kept raw: parsing them needs protobuf, which only the server loads."""
+
+def encode_answer(form: str, version: int, address: str) -> bytes:
+    if form == "plain":
+        return address.encode()
+    if form == "json":
+        return encode_bootstrap_json(version, address, PROTOCOL)
+    return encode_bootstrap_result(version, address, PROTOCOL)
+
+
+def _read_stdin() -> bytes:
+    """All of stdin: the runtime options Any, a BootstrapParams (containerd 2.3+), or nothing."""
     stdin = sys.stdin
     if stdin is None or stdin.isatty():  # no stdin, or a person at a terminal
         return b""
     return stdin.buffer.read()
+
+
+class BootstrapParams:
+    """What ``start`` uses of a ``containerd.runtime.bootstrap.v1.BootstrapParams``, decoded by hand.
+
+    ``options`` is the marshalled Any of the first extension that holds runtime options (a type
+    shim.options reads), else empty; other extensions (room for CRI or NRI configuration) are ignored.
+    """
+
+    __slots__ = ("instance_id", "namespace", "log_level", "containerd_version", "ttrpc_address",
+                 "grpc_address", "binary", "options", "socket_dir")
+
+    def __init__(self) -> None:
+        self.instance_id = self.namespace = self.containerd_version = ""
+        self.ttrpc_address = self.grpc_address = self.binary = ""
+        self.log_level = 0
+        self.options = b""
+        self.socket_dir: str | None = None  # proto3 optional: unset differs from ""
+
+    def apply(self, args: ShimArgs) -> None:
+        """What containerd says here wins over the environment: it is meant to replace it (pkg/shim's
+        TODOs), and today both carry the same values. The socket's name keeps hashing ``-address``, the
+        key of every earlier start for the same group, as long as containerd passes it."""
+        args.ttrpc_address = self.ttrpc_address or args.ttrpc_address
+        args.grpc_address = self.grpc_address or args.grpc_address
+        args.address = args.address or self.grpc_address
+        args.publish_binary = self.binary or args.publish_binary
+        args.debug = args.debug or self.log_level <= LOG_LEVEL_DEBUG
+
+
+def bootstrap_params(data: bytes, id: str, namespace: str) -> BootstrapParams | None:
+    """``data`` as a BootstrapParams meant for this shim; None for the legacy forms (an options Any,
+    nothing, or bytes that are not a well-formed BootstrapParams — the server reports bad options)."""
+    if not data:
+        return None
+    try:
+        params = decode_bootstrap_params(data)
+    except ValueError:
+        return None
+    # A legacy Any parses too, as instance_id = type_url and namespace = value (compat.go's check).
+    if params.instance_id != id or params.namespace != namespace:
+        return None
+    return params
 
 
 def group_id(bundle: str, container_id: str) -> str:
@@ -358,9 +519,10 @@ def write_address(bundle: str, address: str) -> None:
     os.replace(tmp, path)
 
 
-def _print(address: str) -> None:
-    # No newline, like the Go shim: containerd 1.6 takes all of stdout (trimmed) as the address.
-    sys.stdout.write(address)
+def _print(answer: bytes) -> None:
+    # No newline, like the Go shim: containerd 1.6 takes all of stdout (trimmed) as the address, and a
+    # marshalled BootstrapResult must stay exactly as it is.
+    sys.stdout.buffer.write(answer)
     sys.stdout.flush()
 
 
@@ -570,6 +732,147 @@ def encode_delete_response(pid: int, exit_status: int, seconds: int, nanos: int)
     stamp = _varint_field(1, seconds) + _varint_field(2, nanos)
     return (_varint_field(1, pid & 0xFFFFFFFF) + _varint_field(2, exit_status & 0xFFFFFFFF)
             + bytes([3 << 3 | 2]) + _varint(len(stamp)) + stamp)
+
+
+def encode_bootstrap_result(version: int, address: str, protocol: str) -> bytes:
+    """A marshalled ``containerd.runtime.bootstrap.v1.BootstrapResult`` {version=1 int32, address=2
+    string, protocol=3 string}: containerd 2.3+ parses stdout as one before anything else."""
+    return _varint_field(1, version) + _bytes_field(2, address.encode()) + _bytes_field(3, protocol.encode())
+
+
+def encode_bootstrap_json(version: int, address: str, protocol: str) -> bytes:
+    """The JSON containerd 1.7+ reads (pkg/shim's BootstrapParams struct: these keys, this order)."""
+    return f'{{"version":{version},"address":{_json_string(address)},"protocol":{_json_string(protocol)}}}'.encode()
+
+
+def _json_string(text: str) -> str:
+    # json.dumps without importing json (see parse_json); non-ASCII stays UTF-8, as Go writes it.
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " ":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def decode_bootstrap_params(data: bytes) -> BootstrapParams:
+    """A marshalled ``containerd.runtime.bootstrap.v1.BootstrapParams``, read as protobuf reads it:
+    unknown fields (and known ones with another wire type) skipped, the last of repeated singular fields
+    winning, strings checked to be UTF-8. ValueError when ``data`` is not a well-formed message."""
+    params = BootstrapParams()
+    pos = 0
+    while pos < len(data):
+        number, wire, value, pos = _read_field(data, pos)
+        if wire == 4:
+            raise ValueError("end of a group that never began")
+        if wire == 2 and number in _BOOTSTRAP_STRINGS:
+            setattr(params, _BOOTSTRAP_STRINGS[number], _utf8(value))
+        elif number == 3 and wire == 0:
+            params.log_level = _int32(value)
+        elif number == 8 and wire == 2:
+            options = _extension_value(value)
+            if not params.options and _any_type(options) in OPTIONS_TYPES:
+                params.options = options
+    return params
+
+
+# BootstrapParams' string fields by number (api/runtime/bootstrap/v1/bootstrap.proto, containerd 2.3).
+_BOOTSTRAP_STRINGS = {1: "instance_id", 2: "namespace", 4: "containerd_version", 5: "ttrpc_address",
+                      6: "grpc_address", 7: "binary", 9: "socket_dir"}
+
+
+def _extension_value(data: bytes) -> bytes:
+    """The marshalled Any in an ``Extension`` {value=1 Any}. Several occurrences of a message field merge,
+    which for their encodings is concatenation."""
+    parts = []
+    pos = 0
+    while pos < len(data):
+        number, wire, value, pos = _read_field(data, pos)
+        if wire == 4:
+            raise ValueError("end of a group that never began")
+        if number == 1 and wire == 2:
+            _any_type(value)  # a malformed Any makes the whole message malformed, as in protobuf
+            parts.append(value)
+    return b"".join(parts)
+
+
+def _any_type(data: bytes) -> str:
+    """The type of a marshalled ``google.protobuf.Any`` {type_url=1, value=2}: its type_url's last
+    segment, as protobuf's Any.Is compares it."""
+    url = ""
+    pos = 0
+    while pos < len(data):
+        number, wire, value, pos = _read_field(data, pos)
+        if wire == 4:
+            raise ValueError("end of a group that never began")
+        if number == 1 and wire == 2:
+            url = _utf8(value)
+    return url.rpartition("/")[2]
+
+
+def _read_field(data: bytes, pos: int, depth: int = 0) -> tuple[int, int, object, int]:
+    """One field at ``pos``: (number, wire type, value, next position). The value is an int for varint and
+    fixed-size fields, the bytes of a length-delimited one, None for a group (skipped whole, as unknown
+    groups are) and for an end-group tag (wire type 4, for the caller that reads the group)."""
+    key, pos = _read_varint(data, pos)
+    number, wire = key >> 3, key & 7
+    if not 0 < number < 1 << 29:
+        raise ValueError(f"invalid field number {number}")
+    value: object = None
+    if wire == 0:
+        value, pos = _read_varint(data, pos)
+    elif wire in (1, 5):
+        size = 8 if wire == 1 else 4
+        value = int.from_bytes(data[pos:pos + size], "little")
+        pos += size
+    elif wire == 2:
+        size, pos = _read_varint(data, pos)
+        value = data[pos:pos + size]
+        pos += size
+    elif wire == 3:
+        if depth >= 100:  # protobuf's own recursion limit
+            raise ValueError("groups nested too deep")
+        while True:
+            inner, inner_wire, _, pos = _read_field(data, pos, depth + 1)
+            if inner_wire == 4:
+                if inner != number:
+                    raise ValueError(f"group {number} ended as {inner}")
+                break
+    elif wire != 4:
+        raise ValueError(f"invalid wire type {wire}")
+    if pos > len(data):
+        raise ValueError("truncated message")
+    return number, wire, value, pos
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 70:  # at most 10 bytes
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value & 0xFFFFFFFFFFFFFFFF, pos
+        shift += 7
+    raise ValueError("truncated or overlong varint")
+
+
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF  # an int32 is sent sign-extended to 64 bits; protobuf keeps the low 32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _utf8(value: object) -> str:
+    assert isinstance(value, bytes)
+    return value.decode("utf-8")  # UnicodeDecodeError is a ValueError: proto3 strings must be UTF-8
+
+
+def _bytes_field(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value if value else b""  # wire type 2
 
 
 def _varint_field(number: int, value: int) -> bytes:

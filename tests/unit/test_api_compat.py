@@ -49,6 +49,8 @@ OTHER_CHECKS = {
     "containerd/task/v3/shim.proto": "same as our containerd.task.v2 but for the package",
     "google/rpc/status.proto": "gogo/googleapis' google/rpc/status.proto, else explicit numbers",
     "ttrpc/ttrpc.proto": "ttrpc types.go struct tags, explicit numbers and hand-encoded bytes",
+    "containerd/runtime/bootstrap/v1/bootstrap.proto": "explicit numbers from containerd v2.3.0 (NEWER below)",
+    "containerd/types/introspection.proto": "explicit numbers from containerd v2.0+ (NEWER below)",
 }
 # Upstream types or fields (full names) we deliberately leave out, with the reason.
 ALLOWED_MISSING: dict[str, str] = {}
@@ -283,6 +285,92 @@ def test_task_v3_is_v2_under_another_package():
     assert list(renamed.message_type) == list(v2.message_type)
     assert list(renamed.service) == list(v2.service)
     assert list(renamed.enum_type) == list(v2.enum_type)
+
+
+# --- protos newer than containerd 1.6 ------------------------------------------------------------
+
+# Debian ships containerd 1.6's sources only, so these are written down from upstream's .proto files:
+# api/runtime/bootstrap/v1/bootstrap.proto @ v2.3.0 and api/types/introspection.proto @ v2.0.0 (unchanged
+# since). Every field: (number, type, label, type name, proto3 optional).
+_BOOT = ".containerd.runtime.bootstrap.v1."
+NEWER = {
+    "containerd/runtime/bootstrap/v1/bootstrap.proto": {
+        "containerd.runtime.bootstrap.v1.BootstrapParams": {
+            "instance_id": (1, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "namespace": (2, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "log_level": (3, FDP.TYPE_ENUM, FDP.LABEL_OPTIONAL, _BOOT + "LogLevel", False),
+            "containerd_version": (4, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "containerd_ttrpc_address": (5, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "containerd_grpc_address": (6, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "containerd_binary": (7, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "extensions": (8, FDP.TYPE_MESSAGE, FDP.LABEL_REPEATED, _BOOT + "Extension", False),
+            "socket_dir": (9, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", True),
+        },
+        "containerd.runtime.bootstrap.v1.Extension": {
+            "value": (1, FDP.TYPE_MESSAGE, FDP.LABEL_OPTIONAL, ".google.protobuf.Any", False),
+        },
+        "containerd.runtime.bootstrap.v1.BootstrapResult": {
+            "version": (1, FDP.TYPE_INT32, FDP.LABEL_OPTIONAL, "", False),
+            "address": (2, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "protocol": (3, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "capabilities": (4, FDP.TYPE_ENUM, FDP.LABEL_REPEATED, _BOOT + "Capability", False),
+            "metadata": (5, FDP.TYPE_MESSAGE, FDP.LABEL_REPEATED, _BOOT + "BootstrapResult.MetadataEntry", False),
+        },
+        "containerd.runtime.bootstrap.v1.LogLevel": {
+            "LOG_LEVEL_INFO": 0, "LOG_LEVEL_TRACE": -8, "LOG_LEVEL_DEBUG": -4, "LOG_LEVEL_WARN": 4,
+            "LOG_LEVEL_ERROR": 8, "LOG_LEVEL_FATAL": 10, "LOG_LEVEL_PANIC": 12,
+        },
+        "containerd.runtime.bootstrap.v1.Capability": {"CAPABILITY_UNSPECIFIED": 0},
+    },
+    "containerd/types/introspection.proto": {
+        "containerd.types.RuntimeRequest": {
+            "runtime_path": (1, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "options": (2, FDP.TYPE_MESSAGE, FDP.LABEL_OPTIONAL, ".google.protobuf.Any", False),
+        },
+        "containerd.types.RuntimeVersion": {
+            "version": (1, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "revision": (2, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+        },
+        "containerd.types.RuntimeInfo": {
+            "name": (1, FDP.TYPE_STRING, FDP.LABEL_OPTIONAL, "", False),
+            "version": (2, FDP.TYPE_MESSAGE, FDP.LABEL_OPTIONAL, ".containerd.types.RuntimeVersion", False),
+            "options": (3, FDP.TYPE_MESSAGE, FDP.LABEL_OPTIONAL, ".google.protobuf.Any", False),
+            "features": (4, FDP.TYPE_MESSAGE, FDP.LABEL_OPTIONAL, ".google.protobuf.Any", False),
+            "annotations": (5, FDP.TYPE_MESSAGE, FDP.LABEL_REPEATED, ".containerd.types.RuntimeInfo.AnnotationsEntry",
+                            False),
+        },
+    },
+}
+# The map fields above: message -> (entry name, its key and value types).
+NEWER_MAPS = {
+    "containerd.runtime.bootstrap.v1.BootstrapResult": ("MetadataEntry", FDP.TYPE_STRING, FDP.TYPE_STRING),
+    "containerd.types.RuntimeInfo": ("AnnotationsEntry", FDP.TYPE_STRING, FDP.TYPE_STRING),
+}
+
+
+@pytest.mark.parametrize("proto", sorted(NEWER))
+def test_newer_protos_match_upstream_numbers(proto):
+    mine = ours(proto)
+    assert mine.syntax == "proto3"
+    types = top_level(mine)
+    assert set(types) == set(NEWER[proto]), "types differ from upstream's"
+    problems = []
+    for full, expected in NEWER[proto].items():
+        t = types[full]
+        if isinstance(t, descriptor_pb2.EnumDescriptorProto):
+            got = {v.name: v.number for v in t.value}
+        else:
+            got = {f.name: (*field_sig(f)[:4], f.proto3_optional) for f in t.field}
+            entry = NEWER_MAPS.get(full)
+            nested = {n.name: n for n in t.nested_type}
+            assert set(nested) == ({entry[0]} if entry else set()), f"{full}: nested types {set(nested)}"
+            if entry:
+                e = nested[entry[0]]
+                assert e.options.map_entry
+                assert [(f.name, f.number, f.type) for f in e.field] == [("key", 1, entry[1]), ("value", 2, entry[2])]
+        if got != expected:
+            problems.append(f"{full}: ours {got} != upstream {expected}")
+    assert not problems, "\n".join(problems)
 
 
 # --- ttrpc ----------------------------------------------------------------------------------------

@@ -108,8 +108,46 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     lines = out.split("\n")
     assert lines[0] == "containerd-shim-pyrunc-v2:"
     assert lines[1].startswith("  Version:  ") and lines[1].removeprefix("  Version:  ")[0].isdigit()
-    assert lines[2:] == [f"  Python version: {major}.{minor}.{micro}", ""]
+    assert lines[2] == f"  Revision: {cli._revision()}"
+    assert lines[3:] == [f"  Python version: {major}.{minor}.{micro}", "", ""]  # Go's layout: a blank line last
     assert err == ""
+
+
+def test_revision_is_the_checkouts_commit() -> None:
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"not a git checkout: {r.stderr.strip()}")
+    assert cli._revision() == r.stdout.strip()
+
+
+@pytest.mark.parametrize("layout", ["loose", "packed", "detached", "worktree", "none"])
+def test_revision_from_git_layouts(layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shim
+
+    top = tmp_path / "checkout"
+    (top / "shim").mkdir(parents=True)
+    monkeypatch.setattr(shim, "__file__", str(top / "shim" / "__init__.py"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    git = top / ".git"
+    if layout == "none":
+        assert cli._revision() == ""
+        return
+    if layout == "worktree":  # .git is a file; branches live in the main repository's common dir
+        main = tmp_path / "main.git"
+        git = main / "worktrees" / "checkout"
+        git.mkdir(parents=True)
+        (top / ".git").write_text(f"gitdir: {git}\n")
+        (git / "commondir").write_text("../..\n")
+        (main / "refs" / "heads").mkdir(parents=True)
+        (main / "refs" / "heads" / "topic").write_text(commit + "\n")
+    else:
+        (git / "refs" / "heads").mkdir(parents=True)
+    if layout == "loose":
+        (git / "refs" / "heads" / "topic").write_text(commit + "\n")
+    elif layout == "packed":
+        (git / "packed-refs").write_text(f"# pack-refs with: peeled fully-peeled sorted\n{commit} refs/heads/topic\n")
+    (git / "HEAD").write_text(commit + "\n" if layout == "detached" else "ref: refs/heads/topic\n")
+    assert cli._revision() == commit
 
 
 def test_version_through_python_m() -> None:
@@ -119,7 +157,6 @@ def test_version_through_python_m() -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["-info"], "-info is not supported yet"),
     (BASE + ["-id", "c1"], "missing action"),
     (BASE + ["-id", "c1", "serve"], "unknown action 'serve'"),
     (["-id", "c1", "start"], "namespace cannot be empty"),
@@ -435,6 +472,152 @@ def test_a_failing_server_exits_and_logs(sockdir: str, bundle: Path, tmp_path: P
         os.close(reader)
     assert 'level=error msg="shim server failed" error="Traceback' in logged
     assert 'RuntimeError: boom' in logged and logged.count("\n") == 1
+
+
+# -- -info ----------------------------------------------------------------------------------------
+
+FEATURES = {"ociVersionMin": "1.0.0", "ociVersionMax": "1.1.0", "hooks": ["prestart", "poststop"],
+            "mountOptions": ["bind", "ro"], "linux": {"namespaces": ["pid", "mount"], "seccomp": {"enabled": True}},
+            "annotations": {"org.opencontainers.runc.version": "1.1.5"}, "unknownKey": "\u00e9"}
+FAKE_FEATURES_RUNC = """#!/bin/sh
+[ "$1" = features ] || exit 9
+echo "$0 $*" >> "$(dirname "$0")/calls"
+[ -n "$FAKE_FEATURES_FAIL" ] && { echo 'unknown command "features"' >&2; exit 1; }
+cat "$(dirname "$0")/features.json"
+"""
+
+
+@pytest.fixture
+def features_runc(tmp_path: Path) -> Path:
+    path = tmp_path / "rt" / "runc"
+    path.parent.mkdir()
+    path.write_text(FAKE_FEATURES_RUNC)
+    path.chmod(0o755)
+    (path.parent / "features.json").write_text(json.dumps(FEATURES, indent=4))  # runc indents
+    return path
+
+
+def runtime_info(stdin: io.BytesIO, data: bytes, capsysbinary: pytest.CaptureFixture[bytes]):
+    from shim.api.containerd.types import introspection_pb2
+
+    stdin.write(data)
+    stdin.seek(0)
+    assert cli.main(["-info"]) == 0
+    out, err = capsysbinary.readouterr()
+    assert err == b""
+    return introspection_pb2.RuntimeInfo.FromString(out)
+
+
+def runc_options_any(**fields: object):
+    from google.protobuf import any_pb2
+
+    from shim.api.containerd.runc.v1 import options_pb2
+
+    return any_pb2.Any(type_url="containerd.runc.v1.Options", value=options_pb2.Options(**fields).SerializeToString())
+
+
+def test_info_with_runc_options(stdin: io.BytesIO, features_runc: Path,
+                                capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    given = runc_options_any(binary_name=str(features_runc), systemd_cgroup=True)
+    info = runtime_info(stdin, given.SerializeToString(), capsysbinary)
+    assert info.name == "io.containerd.pyrunc.v2"
+    assert (info.version.version, info.version.revision) == (cli._version(), cli._revision())
+    assert info.options == given  # echoed
+    assert info.features.type_url == "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
+    assert json.loads(info.features.value) == FEATURES
+    assert b" " not in info.features.value and "\u00e9".encode() in info.features.value  # compact, UTF-8
+    assert not info.annotations
+    assert (features_runc.parent / "calls").read_text() == f"{features_runc} features\n"
+
+
+def test_info_echoes_options_under_their_bare_type_name(stdin: io.BytesIO, features_runc: Path,
+                                                        capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    given = runc_options_any(binary_name=str(features_runc))
+    given.type_url = "type.googleapis.com/containerd.runc.v1.Options"
+    info = runtime_info(stdin, given.SerializeToString(), capsysbinary)
+    assert (info.options.type_url, info.options.value) == ("containerd.runc.v1.Options", given.value)
+
+
+def test_info_with_a_runtime_config_file(stdin: io.BytesIO, features_runc: Path, tmp_path: Path,
+                                         capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    from google.protobuf import any_pb2
+
+    from shim.api.runtimeoptions.v1 import api_pb2
+
+    config = tmp_path / "pyrunc.toml"
+    config.write_text(f'binary_name = "{features_runc}"\n')
+    given = any_pb2.Any(type_url="runtimeoptions.v1.Options",
+                        value=api_pb2.Options(config_path=str(config)).SerializeToString())
+    info = runtime_info(stdin, given.SerializeToString(), capsysbinary)
+    assert info.options == given
+    assert json.loads(info.features.value) == FEATURES  # the configured binary was asked
+
+
+def test_info_without_options_asks_runc_on_path(stdin: io.BytesIO, features_runc: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    monkeypatch.setenv("PATH", f"{features_runc.parent}:{os.environ['PATH']}")
+    info = runtime_info(stdin, b"", capsysbinary)
+    assert not info.HasField("options")
+    assert json.loads(info.features.value) == FEATURES
+
+
+@pytest.mark.parametrize("output", ["fail", "not json", "[1, 2]"])
+def test_info_without_features_still_answers(output: str, stdin: io.BytesIO, features_runc: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """A runtime without `features` (runc < 1.1, youki) is no error, as with the Go shim: no features."""
+    if output == "fail":
+        monkeypatch.setenv("FAKE_FEATURES_FAIL", "1")
+    else:
+        (features_runc.parent / "features.json").write_text(output)
+    info = runtime_info(stdin, runc_options_any(binary_name=str(features_runc)).SerializeToString(), capsysbinary)
+    assert info.name == "io.containerd.pyrunc.v2" and not info.HasField("features")
+
+
+def test_info_with_the_real_runc(stdin: io.BytesIO, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    runc = shutil.which("runc")
+    if runc is None:
+        pytest.skip("runc is not installed")
+    features = subprocess.run([runc, "features"], capture_output=True)
+    info = runtime_info(stdin, b"", capsysbinary)
+    if features.returncode != 0:
+        assert not info.HasField("features")
+    else:
+        assert json.loads(info.features.value) == json.loads(features.stdout)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"\xff\xff", "not a protobuf Any"),
+    (b"\n\x0bsome.Type.X", "unsupported runtime options type 'some.Type.X'"),
+    (b"\n\x1acontainerd.runc.v1.Options\x12\x02\x0f\x00", "invalid runtime options containerd.runc.v1.Options"),
+])
+def test_info_refuses_bad_options(data: bytes, message: str, stdin: io.BytesIO,
+                                  capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    stdin.write(data)
+    stdin.seek(0)
+    assert cli.main(["-info"]) == 1
+    out, err = capsysbinary.readouterr()
+    assert out == b"" and message in err.decode() and err.startswith(b"containerd-shim-pyrunc-v2: ")
+
+
+def test_info_without_the_runtime_binary(stdin: io.BytesIO, tmp_path: Path,
+                                         capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    stdin.write(runc_options_any(binary_name="no-such-runc").SerializeToString())
+    stdin.seek(0)
+    assert cli.main(["-info"]) == 1
+    out, err = capsysbinary.readouterr()
+    assert out == b"" and b'failed to look up the path of "no-such-runc"' in err
+
+
+def test_info_through_the_binary(tmp_path: Path, features_runc: Path) -> None:
+    """As containerd runs it: only -info, stdin the options, stdout the protobuf, exit 0."""
+    from shim.api.containerd.types import introspection_pb2
+
+    r = subprocess.run([sys.executable, "-m", "shim", "-info"], cwd=ROOT, capture_output=True, timeout=30,
+                       input=runc_options_any(binary_name=str(features_runc)).SerializeToString())
+    assert (r.returncode, r.stderr) == (0, b"")
+    assert json.loads(introspection_pb2.RuntimeInfo.FromString(r.stdout).features.value) == FEATURES
 
 
 # -- delete ---------------------------------------------------------------------------------------
