@@ -308,9 +308,11 @@ def start(args: ShimArgs) -> int:
     try:
         # Before the fork, as the Go shim does: the server may read it, and a failure needs no kill.
         write_address(args.bundle, address)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
+        pid = _server_from_zygote(args, listener, options)
+        if pid is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
     except BaseException:
         listener.close()
         _remove(path)
@@ -543,6 +545,28 @@ def _adjust_oom_score(pid: int) -> None:
             f.write(str(score).encode())
     except (OSError, ValueError):
         pass
+
+
+def _server_from_zygote(args: ShimArgs, listener: _socket.socket, options: bytes) -> int | None:
+    """A server forked by the warm zygote (see shim/zygote.py); None means fork one here. When no
+    zygote answered, one is launched for the starts that follow."""
+    from shim import zygote
+
+    if not zygote.enabled() or not os.path.exists(args.address):
+        return None
+    path = zygote.socket_path(args.address, SOCKET_DIR)
+    env = {"TTRPC_ADDRESS": args.ttrpc_address, "GRPC_ADDRESS": args.grpc_address}
+    pid = zygote.request_server(path, server_argv(args), args.bundle, listener.fileno(), options, env)
+    if pid is None:
+        zygote.launch(args.address, path)
+    return pid
+
+
+def server_argv(args: ShimArgs) -> list[str]:
+    """The flags that rebuild ``args`` in another process (with TTRPC_ADDRESS/GRPC_ADDRESS in its env)."""
+    argv = ["-namespace", args.namespace, "-address", args.address, "-publish-binary", args.publish_binary,
+            "-id", args.id, "-bundle", args.bundle]
+    return [*argv, "-debug"] if args.debug else argv
 
 
 def _become_server(args: ShimArgs, listener: _socket.socket, options: bytes) -> NoReturn:

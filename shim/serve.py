@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from typing import TYPE_CHECKING
 
 from shim import log as shimlog
@@ -86,7 +87,9 @@ async def _serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int
     await server.start(listener)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    log.info("pyrunc shim serving", extra={"fields": {"pid": os.getpid(), "namespace": args.namespace}})
+    zygote = sys.modules.get("shim.zygote")
+    log.info("pyrunc shim serving", extra={"fields": {
+        "pid": os.getpid(), "namespace": args.namespace, "zygote": bool(zygote and zygote.FORKED)}})
 
     await done.wait()
     path = listener.getsockname()
@@ -95,6 +98,7 @@ async def _serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int
     if not await publisher.flush(timeout=5):
         log.warning("exiting with %d undelivered events", publisher.pending)
     await publisher.close()
+    service.oom.close()
     reaper.close()
     with contextlib.suppress(OSError):
         if isinstance(path, str) and path:

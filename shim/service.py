@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 
+from shim import cgroups
 from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.runc.v1 import options_pb2
 from shim.api.containerd.task.v2 import shim_pb2 as api
@@ -72,6 +73,8 @@ class TaskService:
         self.on_empty_shutdown = on_empty_shutdown
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
+        self.cgroups: dict[str, cgroups.Cgroup] = {}
+        self.oom = cgroups.OOMWatcher()
 
     def methods(self) -> dict[str, Method]:
         names = ["State", "Create", "Start", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill", "Exec",
@@ -103,6 +106,10 @@ class TaskService:
         finally:
             self._creating.discard(req.id)
         self.containers[req.id] = c
+        try:  # runc init already sits in the container's final cgroup
+            self.cgroups[c.id] = cgroups.find(c.init.pid)
+        except cgroups.CgroupError as e:
+            log.warning("container %s: no cgroup: %s", c.id, e)
         self.publish(events.TaskCreate(
             container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, checkpoint=req.checkpoint,
             io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
@@ -114,15 +121,24 @@ class TaskService:
         c, p = self.process(req.id, req.exec_id)
         await c.start(p)
         if p.is_init:
+            if (cg := self.cgroups.get(c.id)) is not None:
+                try:
+                    self.oom.add(c.id, cg, self._oom)
+                except (cgroups.CgroupError, OSError) as e:
+                    log.error("container %s: add cgroup to OOM monitor: %s", c.id, e)
             self.publish(events.TaskStart(container_id=c.id, pid=p.pid))
         else:
             self.publish(events.TaskExecStarted(container_id=c.id, exec_id=p.id, pid=p.pid))
         p.not_starting.set()  # an exit seen meanwhile may now follow the start event
         return api.StartResponse(pid=p.pid)
 
+    def _oom(self, container_id: str) -> None:
+        self.publish(events.TaskOOM(container_id=container_id))
+
     def _exited(self, c: Container, p: Process) -> None:
         if p.state is State.DELETED:
             return  # deleted before it was ever started: containerd already has its answer
+        self.oom.flush(c.id)  # an OOM that caused this exit is published before it (CRI reads OOMKilled)
         self.publish(events.TaskExit(container_id=c.id, id=p.id, pid=p.pid, exit_status=p.exit_status,
                                      exited_at=timestamp(p.exited_at_ns)))
 
@@ -132,6 +148,8 @@ class TaskService:
         exited_at = timestamp(p.exited_at_ns)
         if p.is_init:
             del self.containers[c.id]
+            self.oom.remove(c.id)
+            self.cgroups.pop(c.id, None)
             self.publish(events.TaskDelete(container_id=c.id, pid=p.pid, exit_status=p.exit_status,
                                            exited_at=exited_at))
         return api.DeleteResponse(pid=p.pid, exit_status=p.exit_status, exited_at=exited_at)
@@ -204,6 +222,7 @@ class TaskService:
         _, p = self.process(req.id, req.exec_id)
         raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} has no terminal")
 
+
     async def Checkpoint(self, ctx: ServerContext, req: api.CheckpointTaskRequest) -> empty_pb2.Empty:
         self.container(req.id)
         raise TTRPCError(Code.UNIMPLEMENTED, "checkpoint is not supported by pyrunc yet")
@@ -226,4 +245,10 @@ class TaskService:
 
     async def Stats(self, ctx: ServerContext, req: api.StatsRequest) -> api.StatsResponse:
         self.container(req.id)
-        raise TTRPCError(Code.UNIMPLEMENTED, "stats are not supported by pyrunc yet")
+        cg = self.cgroups.get(req.id)
+        if cg is None:
+            raise TTRPCError(Code.NOT_FOUND, "cgroup does not exist")
+        try:
+            return api.StatsResponse(stats=cgroups.stats(cg))
+        except cgroups.CgroupError as e:
+            raise TTRPCError(Code.NOT_FOUND, str(e)) from e

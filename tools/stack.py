@@ -189,6 +189,19 @@ class PrivateContainerd:
                 pids.append(int(entry))
         return pids
 
+    def zygote_pids(self) -> list[int]:
+        """pyrunc's warm parents for this containerd (shim/zygote.py), found by their arguments."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"shim.zygote" in argv and self.address.encode() in argv:
+                    pids.append(int(entry))
+        return pids
+
     def stop(self) -> None:
         """Remove what is left in our namespace, stop containerd and its shims, unmount, delete."""
         if self.proc is not None and self.proc.poll() is None:
@@ -206,7 +219,7 @@ class PrivateContainerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pid in shims:
+        for pid in shims + self.zygote_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.unmount_all()

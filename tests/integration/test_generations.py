@@ -54,14 +54,19 @@ def subreaper() -> Iterator[None]:
 
 
 def gone(pid: int, timeout: float) -> bool:
-    """Whether ``pid`` (our child by now) has exited within ``timeout``; reaped if so."""
+    """Whether ``pid`` has exited within ``timeout``; reaped if it is our child (a server forked by the
+    zygote is not: it belongs to init, which may reap it late, so a zombie counts as gone)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return True
         except ChildProcessError:
-            return not os.path.exists(f"/proc/{pid}")
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+            except OSError:
+                return True
         time.sleep(0.02)
     return False
 

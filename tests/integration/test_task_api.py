@@ -121,8 +121,7 @@ def test_errors_carry_the_codes_containerd_acts_on(running):
     assert on("Exec", api.ExecProcessRequest(id=cid, exec_id="bad", spec=bad_json)) == Code.INVALID_ARGUMENT
     assert on("Exec", api.ExecProcessRequest(id=cid, exec_id="../x", spec=exec_spec(bundle, ["true"]))) \
         == Code.INVALID_ARGUMENT
-    assert on("Stats", api.StatsRequest(id=cid)) == Code.UNIMPLEMENTED
-    assert on("Update", api.UpdateTaskRequest(id=cid)) == Code.UNIMPLEMENTED
+    assert on("Stats", api.StatsRequest(id="no-such-container")) == Code.NOT_FOUND
     assert on("Checkpoint", api.CheckpointTaskRequest(id=cid)) == Code.UNIMPLEMENTED
     assert on("NoSuchMethod", b"") == Code.UNIMPLEMENTED
 
@@ -136,6 +135,21 @@ def test_errors_carry_the_codes_containerd_acts_on(running):
             assert connect.task_pid == state.pid and connect.shim_pid > 0
 
     asyncio.run(still_serving())
+
+
+def test_stats_are_cgroup_v1_metrics(running):
+    from shim.api.cgroups.v1 import metrics_pb2
+
+    cid, _, sock = running
+
+    async def main():
+        async with await Client.connect(sock) as client:
+            return await call(client, "Stats", api.StatsRequest(id=cid), api.StatsResponse)
+
+    stats = asyncio.run(main()).stats
+    assert stats.type_url == "io.containerd.cgroups.v1.Metrics"
+    metrics = metrics_pb2.Metrics.FromString(stats.value)
+    assert metrics.memory.usage.usage > 0 and metrics.pids.current >= 1 and metrics.cpu.usage.total > 0
 
 
 def test_v3_task_service_is_served(running):

@@ -270,6 +270,7 @@ def test_spawn_cwd_and_new_session(tmp_path: Path) -> None:
         assert await child.wait() == 0
         assert out[0].decode() == str(tmp_path)
         assert int(out[1]) == child.pid  # a session leader
+        await asyncio.sleep(0)  # the exit future's done-callbacks run on the next loop iteration
         popen = child._popen
         assert popen is None  # released once reaped, with its returncode set
 

@@ -1,0 +1,242 @@
+"""A warm parent for shim servers: imports the server once, then forks one per ``start``.
+
+Why: a fresh Python process spends ~200 ms and ~15 MiB importing asyncio, protobuf and the service
+before it can answer containerd; the Go shim is serving in ~20 ms with ~3 MiB. Forked from a process
+that already holds those modules (frozen out of the garbage collector's reach with ``gc.freeze``),
+a server is ready at once and shares the pages with every sibling.
+
+One zygote per containerd address and per version of the code on disk (both are in its socket's
+name, so an upgrade never serves old code). ``start`` asks it over a root-only unix socket, handing
+over the listening socket with SCM_RIGHTS; if no zygote answers, ``start`` forks the server itself as
+before and launches a zygote for the next one. The zygote exits when idle for ``PYRUNC_ZYGOTE_IDLE``
+seconds (default 600) or when containerd's socket is gone. ``PYRUNC_ZYGOTE=0`` turns it off.
+
+The request is a list of length-prefixed byte strings (``_socket`` and int.to_bytes only: the client
+side runs inside ``start``, whose imports are kept tiny).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ZYGOTE_DIR = "/run/containerd/s"
+_MAGIC = b"pyrunc-zygote/1"
+_SHIM_DIR = os.path.dirname(os.path.abspath(__file__))
+FORKED = False  # True in a server this zygote forked (for its log line)
+_CMDLINE_ROOM = 512
+
+
+def enabled() -> bool:
+    return os.environ.get("PYRUNC_ZYGOTE", "1") not in ("0", "false", "no", "")
+
+
+def socket_path(address: str, directory: str = ZYGOTE_DIR) -> str:
+    """Keyed by containerd's address, the interpreter and the code's files (names, sizes, mtimes)."""
+    from _sha256 import sha256  # hashlib's import is heavier than this whole module
+
+    key = [sys.executable, address]
+    for top, dirs, files in os.walk(_SHIM_DIR):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(top, name))
+                key.append(f"{top}/{name}:{st.st_size}:{st.st_mtime_ns}")
+    return os.path.join(directory, "pyrunc-zygote-" + sha256("\0".join(key).encode()).hexdigest()[:32])
+
+
+def _pack(items: list[bytes]) -> bytes:
+    return b"".join(len(item).to_bytes(4, "big") + item for item in items)
+
+
+def _unpack(data: bytes) -> list[bytes]:
+    items, pos = [], 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        items.append(data[pos + 4:pos + 4 + n])
+        pos += 4 + n
+        if pos > len(data):
+            raise ValueError("truncated zygote request")
+    return items
+
+
+# -- client side (in `start`) ---------------------------------------------------------------------
+def request_server(path: str, argv: list[str], cwd: str, listener_fd: int, options: bytes,
+                   extra_env: dict[str, str] | None = None, timeout: float = 2.0) -> int | None:
+    """Ask the zygote at ``path`` for a server; its pid, or None when no zygote could do it."""
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        env = [f"{k}={v}".encode() for k, v in {**os.environ, **(extra_env or {})}.items()]
+        payload = _pack([_MAGIC, os.fsencode(cwd), options, str(len(argv)).encode(),
+                         *(os.fsencode(a) for a in argv), *env])
+        sock.sendmsg([payload[:1]], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                      listener_fd.to_bytes(4, sys.byteorder))])
+        sock.sendall(payload[1:])
+        sock.shutdown(_socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(64):
+            reply += chunk
+        return int(reply) if reply.strip().isdigit() else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
+def launch(address: str, path: str) -> None:
+    """Start a zygote in the background for later starts; detached, silent, never waited for here
+    (it becomes init's child when ``start`` exits)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    # The package may run from a checkout (cmd/ launcher) rather than an installed copy.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(_SHIM_DIR),
+                                                                     os.environ.get("PYTHONPATH")])))
+    try:
+        # The padding reserves room in argv's memory: each forked server rewrites it (set_cmdline)
+        argv = [sys.executable, "-m", "shim.zygote", address, path, " " * _CMDLINE_ROOM]
+        os.posix_spawn(sys.executable, argv, env,
+                       file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+                                     (os.POSIX_SPAWN_DUP2, devnull, 2)],
+                       setsid=True)
+    except OSError:
+        pass  # an optimisation only
+    finally:
+        os.close(devnull)
+
+
+# -- the zygote -----------------------------------------------------------------------------------
+def serve_forever(address: str, path: str, idle: float) -> int:
+    import fcntl
+    import gc
+    import socket
+
+    from shim import cli, serve  # noqa: F401 - the point: pay the imports once, before any fork
+
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another zygote for the same key won the race
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o600)
+    server.listen(64)
+    server.settimeout(5.0)
+    gc.collect()
+    gc.freeze()  # what was imported stays out of the collector's way: pages stay shared after fork
+    last = _now()
+    try:
+        while _now() - last < idle and os.path.exists(address):
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            last = _now()
+            with conn:
+                _handle(conn, server)
+    finally:
+        server.close()
+        for p in (path, path + ".lock"):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+    return 0
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _handle(conn, server) -> None:
+    import socket
+
+    conn.settimeout(5.0)
+    uid = int.from_bytes(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8], sys.byteorder)
+    if uid not in (0, os.geteuid()):
+        return
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 1)
+    while chunk := conn.recv(1 << 20):
+        data += chunk
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return
+    listener_fd = fds[0]
+    try:
+        items = _unpack(data)
+        if items[0] != _MAGIC:
+            return
+        cwd, options, argc = os.fsdecode(items[1]), items[2], int(items[3])
+        argv = [os.fsdecode(a) for a in items[4:4 + argc]]
+        env = dict(os.fsdecode(e).split("=", 1) for e in items[4 + argc:])
+    except (ValueError, IndexError):
+        os.close(listener_fd)
+        return
+    first = os.fork()
+    if first == 0:  # the intermediate: forks the server and leaves, so the server is nobody's child
+        try:
+            server_pid = os.fork()
+            if server_pid == 0:
+                server.close()
+                _become(conn, listener_fd, cwd, options, argv, env)
+            conn.sendall(str(server_pid).encode())
+        finally:
+            os._exit(0)
+    os.close(listener_fd)
+    os.waitpid(first, 0)
+
+
+def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], env: dict[str, str]) -> None:
+    """In the forked server: take the caller's environment and cwd, then serve; never returns."""
+    import socket
+
+    from shim import cli
+
+    status = 1
+    try:
+        conn.close()
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        args = cli.parse_args(argv)
+        set_cmdline(["containerd-shim-pyrunc-v2", *argv])  # what ps shows: a shim, not the zygote
+        listener = socket.socket(fileno=listener_fd)
+        args.socket_path = listener.getsockname()
+        import shim.zygote  # this file runs as __main__ here; serve looks at the package module
+
+        shim.zygote.FORKED = True
+        cli._become_server(args, listener, options)  # never returns
+    finally:
+        os._exit(status)
+
+
+def set_cmdline(argv: list[str]) -> bool:
+    """Rewrite /proc/self/cmdline in place (the kernel shows the memory between arg_start and arg_end),
+    truncated to the room the original argv had. No setproctitle dependency for one write."""
+    import ctypes
+
+    fields = open("/proc/self/stat", "rb").read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5) fields 48 and 49)
+    room = end - start
+    data = b"\0".join(os.fsencode(a) for a in argv)[:room - 1]
+    try:
+        ctypes.memmove(start, data + b"\0" * (room - len(data)), room)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    _address, _path = sys.argv[1], sys.argv[2]  # argv[3] is padding for set_cmdline
+    sys.exit(serve_forever(_address, _path, float(os.environ.get("PYRUNC_ZYGOTE_IDLE", "600"))))

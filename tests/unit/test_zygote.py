@@ -1,0 +1,107 @@
+"""The zygote: request framing, and a real zygote process forking a server for a request."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from shim import zygote
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def short_tmp():
+    """pytest's tmp_path is too long for unix socket paths (107 bytes)."""
+    d = tempfile.mkdtemp(prefix="zy-", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pack_round_trip_and_truncation():
+    items = [b"", b"a", b"\x00" * 300, "é".encode()]
+    assert zygote._unpack(zygote._pack(items)) == items
+    try:
+        zygote._unpack(zygote._pack(items)[:-1])
+        raise AssertionError("truncated request accepted")
+    except ValueError:
+        pass
+
+
+def test_socket_path_depends_on_address_and_code(short_tmp):
+    a = zygote.socket_path("/run/a.sock", str(short_tmp))
+    assert a == zygote.socket_path("/run/a.sock", str(short_tmp))
+    assert a != zygote.socket_path("/run/b.sock", str(short_tmp))
+    assert a.startswith(str(short_tmp) + "/pyrunc-zygote-") and len(a) < 108
+
+
+def test_opt_out(monkeypatch):
+    monkeypatch.setenv("PYRUNC_ZYGOTE", "0")
+    assert not zygote.enabled()
+    monkeypatch.delenv("PYRUNC_ZYGOTE")
+    assert zygote.enabled()
+
+
+def test_no_zygote_means_none(tmp_path):
+    with socket.socket(socket.AF_UNIX) as listener:
+        assert zygote.request_server(str(tmp_path / "absent"), [], str(tmp_path), listener.fileno(), b"") is None
+
+
+def test_zygote_forks_a_detached_server_and_leaves_when_containerd_is_gone(short_tmp):
+    tmp_path = short_tmp
+    address = tmp_path / "containerd.sock"
+    address.write_text("")
+    path = zygote.socket_path(str(address), str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "shim.zygote", str(address), path],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    server_pid = None
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(tmp_path / "task.sock"))
+            listener.listen()
+            server_pid = zygote.request_server(
+                path, ["-namespace", "ns", "-address", str(address), "-id", "c1", "-bundle", str(bundle)],
+                str(bundle), listener.fileno(), b"", {"TTRPC_ADDRESS": str(tmp_path / "ttrpc.sock")})
+        assert server_pid is not None
+        deadline = time.monotonic() + 10  # the server sets itself up after the zygote answered
+        while time.monotonic() < deadline:
+            stat = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[3]) == server_pid:
+                break
+            time.sleep(0.02)
+        assert int(stat[1]) != proc.pid, "the server is not the zygote's child (double fork)"
+        assert int(stat[3]) == server_pid, "the server leads its own session"
+        assert Path(f"/proc/{server_pid}/cwd").resolve() == bundle
+        # (its environment is set with putenv, which /proc/<pid>/environ does not show; the
+        # integration tests see events reach containerd through servers the zygote forked)
+        address.unlink()  # containerd is gone: the zygote leaves by itself
+        proc.wait(15)
+        assert not os.path.exists(path)
+    finally:
+        if server_pid:
+            os.kill(server_pid, 9)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_set_cmdline_rewrites_what_ps_shows(short_tmp):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from shim import zygote; "
+            "zygote.set_cmdline(['containerd-shim-pyrunc-v2', '-id', 'abc']); "
+            "print(open('/proc/self/cmdline', 'rb').read().rstrip(b'\\0').split(b'\\0'))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), " " * 200], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.strip() == "[b'containerd-shim-pyrunc-v2', b'-id', b'abc']", out.stderr
