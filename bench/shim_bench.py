@@ -549,6 +549,9 @@ class ShimBench:
                     if table[child][1]:  # our pid namespace: not a container process
                         helpers.append(child)
                         stack_.append(child)
+            if RUNTIMES[rt] == PYRUNC:
+                # the warm zygote our shims fork from (shim/zygote.py) is part of their cost
+                helpers += [pid for pid in self.stack.zygote_pids() if pid in table]
             total = {"pss": 0, "rss": 0, "uss": 0}
             for pid in mine + helpers:
                 with contextlib.suppress(OSError):

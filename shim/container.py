@@ -84,16 +84,14 @@ class Container:
         options.save(bundle)
         container._mount_rootfs(req.rootfs)
         try:
-            init.io = pio = ProcessIO.open(init.stdio)
+            init.io = pio = await ProcessIO.open(init.stdio, reaper=reaper, namespace=namespace, process_id=req.id)
             pid_file = os.path.join(bundle, "init.pid")
             try:
                 await runc.create(req.id, bundle, pid_file=pid_file, no_pivot=options.no_pivot_root,
-                                  no_new_keyring=options.no_new_keyring, stdin=pio.child_fds[0],
-                                  stdout=pio.child_fds[1], stderr=pio.child_fds[2])
+                                  no_new_keyring=options.no_new_keyring, **pio.runc_io())
             except (RuncError, OSError) as e:
                 raise runtime_error("create", e) from e
-            pio.release_child_ends()
-            pio.start_relays()
+            await pio.start()  # with a terminal: receives the pty master runc sent
             init.pid = _read_pid(pid_file)
         except BaseException:
             if init.io is not None:
@@ -142,8 +140,6 @@ class Container:
             json.loads(spec)
         except ValueError as e:
             raise TTRPCError(Code.INVALID_ARGUMENT, f"exec spec is not valid JSON: {e}") from e
-        if stdio.terminal:
-            raise TTRPCError(Code.UNIMPLEMENTED, "terminal processes are not supported by pyrunc yet")
         p = Process(exec_id, self.id, stdio, is_init=False)
         p.spec = spec
         self.execs[exec_id] = p
@@ -174,11 +170,11 @@ class Container:
             raise TTRPCError(Code.FAILED_PRECONDITION, "container's init process has exited")
         self._starting_execs += 1
         try:
-            p.io = pio = ProcessIO.open(p.stdio)
+            p.io = pio = await ProcessIO.open(p.stdio, reaper=self.reaper, namespace=self.namespace,
+                                              process_id=p.id, is_init=False)
             pid_file = os.path.join(self.bundle, f"{p.id}.pid")
             try:
-                await self.runc.exec(self.id, p.spec, pid_file=pid_file, detach=True, stdin=pio.child_fds[0],
-                                     stdout=pio.child_fds[1], stderr=pio.child_fds[2])
+                await self.runc.exec(self.id, p.spec, pid_file=pid_file, detach=True, **pio.runc_io())
                 p.pid = _read_pid(pid_file)
             except (RuncError, OSError) as e:
                 pio.close()
@@ -187,8 +183,17 @@ class Container:
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(pid_file)
-            pio.release_child_ends()
-            pio.start_relays()
+            try:
+                await pio.start()  # with a terminal: receives the pty master runc sent
+            except BaseException:
+                # A process left without its terminal is of no use to anyone, and not started for
+                # containerd: kill it rather than leave it running unmonitored.
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGKILL)
+                p.pid = 0
+                pio.close()
+                p.io = None
+                raise
         finally:
             self._starting_execs -= 1
 
@@ -262,7 +267,7 @@ class Container:
             p.transition("delete")
             del self.execs[p.id]
             if p.io is not None:
-                p.io.close()
+                await p.io.aclose()  # a logger's exit is waited for, as the Go shim's Delete does
             return
         try:
             await self.runc.delete(self.id, force=False)
@@ -273,11 +278,7 @@ class Container:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(p.wait(), 2)
         p.transition("delete")
-        if p.io is not None:
-            p.io.close()
-        for e in self.execs.values():
-            if e.io is not None:
-                e.io.close()
+        await asyncio.gather(*(q.io.aclose() for q in (p, *self.execs.values()) if q.io is not None))
         self._unmount_rootfs()
 
     async def pause(self) -> None:

@@ -23,6 +23,7 @@ from shim.options import RuncOptions, from_any
 from shim.process import Process, State, Stdio
 from shim.reaper import Reaper
 from shim.runc import RuncError
+from shim.stdio import ProcessIO
 from shim.ttrpc import Code, Method, ServerContext, TTRPCError
 
 log = logging.getLogger("pyrunc.service")
@@ -217,11 +218,14 @@ class TaskService:
             self.on_empty_shutdown()
         return EMPTY
 
-    # -- not built yet: say so instead of pretending -----------------------------------------
     async def ResizePty(self, ctx: ServerContext, req: api.ResizePtyRequest) -> empty_pb2.Empty:
         _, p = self.process(req.id, req.exec_id)
-        raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} has no terminal")
+        if not isinstance(p.io, ProcessIO) or not p.io.terminal:
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} has no terminal")
+        p.io.resize(req.width, req.height)
+        return EMPTY
 
+    # -- not built yet: say so instead of pretending -----------------------------------------
 
     async def Checkpoint(self, ctx: ServerContext, req: api.CheckpointTaskRequest) -> empty_pb2.Empty:
         self.container(req.id)
