@@ -27,3 +27,6 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: 
 spec="."
 [ -n "$extra" ] && spec=".[$extra]"
 .venv/bin/pip install -q --disable-pip-version-check -e "$spec"
+# Bytecode now: containerd may run the shim with PYTHONDONTWRITEBYTECODE set, and an editable install
+# would then compile every module on every start and delete.
+.venv/bin/python -m compileall -q shim >/dev/null
