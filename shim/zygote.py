@@ -24,6 +24,7 @@ ZYGOTE_DIR = "/run/containerd/s"
 _MAGIC = b"pyrunc-zygote/1"
 _SHIM_DIR = os.path.dirname(os.path.abspath(__file__))
 FORKED = False  # True in a server this zygote forked (for its log line)
+_LOCK: int | None = None  # the zygote's lock fd
 _CMDLINE_ROOM = 512
 
 
@@ -71,16 +72,20 @@ def request_server(path: str, argv: list[str], cwd: str, listener_fd: int, optio
         sock.settimeout(timeout)
         sock.connect(path)
         env = [f"{k}={v}".encode() for k, v in {**os.environ, **(extra_env or {})}.items()]
-        payload = _pack([_MAGIC, os.fsencode(cwd), options, str(len(argv)).encode(),
-                         *(os.fsencode(a) for a in argv), *env])
+        payload = _pack([_pack([_MAGIC, os.fsencode(cwd), options, str(len(argv)).encode(),
+                                *(os.fsencode(a) for a in argv), *env])])  # one item: its length frames it
         sock.sendmsg([payload[:1]], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                                       listener_fd.to_bytes(4, sys.byteorder))])
         sock.sendall(payload[1:])
-        sock.shutdown(_socket.SHUT_WR)
         reply = b""
-        while chunk := sock.recv(64):
+        while not reply.endswith(b"\n") and (chunk := sock.recv(64)):
             reply += chunk
-        return int(reply) if reply.strip().isdigit() else None
+        if not reply.strip().isdigit():
+            return None
+        # The go-ahead: until it arrives the forked server waits, and without it (we gave up, timed
+        # out, died) it exits, so a fallback fork here can never leave two servers on one socket.
+        sock.sendall(b"G")
+        return int(reply)
     except (OSError, ValueError):
         return None
     finally:
@@ -116,7 +121,8 @@ def serve_forever(address: str, path: str, idle: float) -> int:
     from shim import cli, serve  # noqa: F401 - the point: pay the imports once, before any fork
 
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    global _LOCK
+    lock = _LOCK = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -166,7 +172,10 @@ def _handle(conn, server) -> None:
     if uid not in (0, os.geteuid()):
         return
     data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 1)
-    while chunk := conn.recv(1 << 20):
+    while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+        chunk = conn.recv(1 << 20)
+        if not chunk:
+            break
         data += chunk
     if len(fds) != 1:
         for fd in fds:
@@ -174,7 +183,7 @@ def _handle(conn, server) -> None:
         return
     listener_fd = fds[0]
     try:
-        items = _unpack(data)
+        items = _unpack(_unpack(data)[0])
         if items[0] != _MAGIC:
             return
         cwd, options, argc = os.fsdecode(items[1]), items[2], int(items[3])
@@ -190,7 +199,7 @@ def _handle(conn, server) -> None:
             if server_pid == 0:
                 server.close()
                 _become(conn, listener_fd, cwd, options, argv, env)
-            conn.sendall(str(server_pid).encode())
+            conn.sendall(b"%d\n" % server_pid)
         finally:
             os._exit(0)
     os.close(listener_fd)
@@ -205,6 +214,11 @@ def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], e
 
     status = 1
     try:
+        if _LOCK is not None:
+            os.close(_LOCK)  # the zygote's flock must not outlive the zygote in its servers
+        conn.settimeout(30.0)
+        if conn.recv(1) != b"G":
+            return  # the caller gave up on us (see request_server): serving would be a second server
         conn.close()
         os.chdir(cwd)
         os.environ.clear()

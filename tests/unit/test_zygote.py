@@ -105,3 +105,42 @@ def test_set_cmdline_rewrites_what_ps_shows(short_tmp):
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), " " * 200], capture_output=True, text=True,
                          timeout=30)
     assert out.stdout.strip() == "[b'containerd-shim-pyrunc-v2', b'-id', b'abc']", out.stderr
+
+
+def test_a_server_without_the_go_ahead_never_serves(short_tmp):
+    """If start gives up after handing the socket over, it forks its own server; the zygote's must not
+    also serve the same socket: it waits for a go-ahead that never comes, and leaves."""
+    address = short_tmp / "containerd.sock"
+    address.write_text("")
+    path = zygote.socket_path(str(address), str(short_tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "shim.zygote", str(address), path],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        argv = [b"-namespace", b"ns", b"-address", str(address).encode(), b"-id", b"c1"]
+        request = zygote._pack([zygote._pack([zygote._MAGIC, str(short_tmp).encode(), b"", b"%d" % len(argv),
+                                              *argv])])
+        with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as client:
+            listener.bind(str(short_tmp / "task.sock"))
+            listener.listen()
+            client.connect(path)
+            socket.send_fds(client, [request], [listener.fileno()])
+            pid = int(client.recv(64))
+        # no "G" was sent and the connection is closed: the forked server must leave without serving
+        deadline = time.monotonic() + 10
+        state = "?"
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "gone"
+            if state in ("Z", "gone"):
+                break
+            time.sleep(0.05)
+        assert state in ("Z", "gone")
+    finally:
+        address.unlink(missing_ok=True)
+        proc.kill()
+        proc.wait()
