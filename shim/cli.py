@@ -297,7 +297,8 @@ def start(args: ShimArgs) -> int:
     address = socket_address(args.address, args.namespace, group_id(args.bundle, args.id), socket_dir)
     path = address.removeprefix("unix://")
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ShimError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes")
+        raise ShimError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes: "
+                        "use a shorter socket_dir (containerd 2.3) or containerd state dir")
     answer = encode_answer(form, version, address)
     listener = _listen(path)
     if listener is None:
@@ -459,9 +460,12 @@ def _listen(path: str) -> _socket.socket | None:
     import errno
 
     # Only root may enter: the socket is the shim's whole API (never an abstract socket, CVE-2020-15257).
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         return _bind(path)
+    except PermissionError as e:
+        raise ShimError(f"cannot create the shim socket {path}: {e.strerror}: containerd and its shims run as "
+                        "root (the socket directory is root-only)") from e
     except OSError as e:
         if e.errno != errno.EADDRINUSE:
             raise

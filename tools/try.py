@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -15,9 +17,35 @@ from tools.stack import PYRUNC, PrivateContainerd, build_busybox_rootfs, build_o
 IMAGE = "localhost/pyrunc-try/busybox:latest"
 
 
+def containerd_problem(version_output: str) -> str | None:
+    """`containerd --version` → a one-line message with the fix, or None when it will do."""
+    m = re.search(r"\b(\d+)\.(\d+)\.\d+", version_output)
+    if not m:
+        return f"cannot tell containerd's version from {version_output.strip()!r}: apt-get install containerd"
+    major, minor = int(m.group(1)), int(m.group(2))
+    if (major, minor) < (1, 6):
+        return f"containerd {major}.{minor} is too old: pyrunc needs 1.6 or newer (apt-get install containerd)"
+    if major > 2:
+        return f"containerd {major}.{minor} is newer than pyrunc knows (1.6 to 2.x): expect surprises"
+    return None
+
+
+def cgroup_problem(root: str = "/sys/fs/cgroup") -> str | None:
+    """Neither a unified (v2) nor a v1 memory hierarchy: containers cannot be limited or measured."""
+    if os.path.exists(os.path.join(root, "cgroup.controllers")) or os.path.isdir(os.path.join(root, "memory")):
+        return None
+    return f"no cgroup v1 memory or cgroup v2 hierarchy at {root}: mount cgroups (a systemd host has them)"
+
+
 def main(argv: list[str]) -> int:
     command = argv or ["sh", "-c", "echo hello from a container run by pyrunc; uname -sr; id; ls /"]
     work = Path(tempfile.mkdtemp(prefix="pyrunc-try-"))
+    for problem in (containerd_problem(subprocess.run(["containerd", "--version"], capture_output=True,
+                                                          text=True).stdout), cgroup_problem()):
+        if problem:
+            print(f"try: {problem}", file=sys.stderr)
+            if "too old" in problem or "cgroup" in problem:
+                return 1
     stack = PrivateContainerd(namespace="pyrunc-try")
     try:
         print(f"# throwaway containerd in {stack.dir}")

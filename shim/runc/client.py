@@ -166,6 +166,9 @@ class Runc:
         try:
             child = self.reaper.spawn(argv, stdin=stdin if in_fd is None else in_fd, stdout=stdout,
                                       stderr=stderr, env=_env())
+        except FileNotFoundError:
+            raise RuncError(command, argv, 127, f"{self.binary}: executable file not found: install runc "
+                            "(apt-get install runc) or set binary_name in pyrunc's runtime config") from None
         finally:
             if in_fd is not None:
                 os.close(in_fd)

@@ -804,3 +804,27 @@ def test_import_stays_light() -> None:
             "'hashlib', 'dataclasses', 'socket', 'logging', 'ctypes', 'typing', 're') if m in new))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stdout.strip()) == (0, "")
+
+
+def test_newcomer_errors_say_what_to_do(tmp_path, monkeypatch):
+    """Not root (the socket dir is root-only) and a socket path too long: one line each, with the fix."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    args = cli.parse_args(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "-bundle", str(bundle)])
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+
+    def denied(*a, **kw):  # what a non-root user meets at /run/containerd/s
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli, "SOCKET_DIR", "/run/pyrunc-test-s")  # short: tmp_path is too long for a socket
+    monkeypatch.setattr(os, "makedirs", denied)
+    with pytest.raises(cli.ShimError, match="containerd and its shims run as root") as e:
+        cli.start(args)
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+
+    monkeypatch.setattr(cli, "SOCKET_DIR", "/" + "x" * 120)
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    with pytest.raises(cli.ShimError, match="use a shorter socket_dir"):
+        cli.start(args)

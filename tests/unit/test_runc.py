@@ -287,14 +287,6 @@ def test_output_held_open_by_a_grandchild_does_not_hang(fake: Fake) -> None:
     run(test)
 
 
-def test_missing_binary(tmp_path: Path) -> None:
-    async def test(reaper: Reaper) -> None:
-        with pytest.raises(FileNotFoundError):
-            await Runc(reaper, str(tmp_path / "no-runc")).start("c1")
-
-    run(test)
-
-
 def test_real_runc_state_of_missing_container(tmp_path: Path) -> None:
     if shutil.which("runc") is None:
         pytest.skip("runc is not on PATH")
@@ -310,5 +302,19 @@ def test_real_runc_state_of_missing_container(tmp_path: Path) -> None:
                 await runc.state("does-not-exist")
             assert caught.value.not_found, str(caught.value)
             assert str(caught.value).startswith("runc state failed: ")
+
+    run(test)
+
+
+def test_missing_runc_is_a_clear_error() -> None:
+    async def test(reaper: Reaper) -> None:
+        runc = Runc(reaper, "/nonexistent/runc")
+        with pytest.raises(RuncError) as caught:
+            await runc.start("c1")
+        assert "install runc (apt-get install runc) or set binary_name" in str(caught.value)
+        runc = Runc(reaper, "no-such-runc-on-path")
+        with pytest.raises(RuncError) as caught:
+            await runc.state("c1")
+        assert "no-such-runc-on-path: executable file not found" in str(caught.value)
 
     run(test)
