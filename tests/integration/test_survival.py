@@ -26,7 +26,11 @@ def uid(prefix: str) -> str:
 
 def shim_of(stack, cid: str) -> int:
     """The pid of the shim serving ``cid``, as its Task API's Connect tells."""
-    sock = (bundle(stack, cid) / "address").read_text().strip().removeprefix("unix://")
+    return shim_pid_at(bundle(stack, cid), cid)
+
+
+def shim_pid_at(bundle_dir: Path, cid: str) -> int:
+    sock = (bundle_dir / "address").read_text().strip().removeprefix("unix://")
 
     async def connect() -> int:
         async with await Client.connect(sock) as client:

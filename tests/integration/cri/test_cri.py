@@ -6,7 +6,6 @@ Every test runs once per runtime handler with the same expectations: the stock G
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -14,9 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shim.api.containerd.task.v2 import shim_pb2 as task_api
-from shim.ttrpc import Client
 from tests.integration.cri.conftest import runc_roots
+from tests.integration.test_survival import alive, shim_pid_at
 from tools.stack import PYRUNC, RUNC_V2
 
 SHIM_BINARY = {"runc": "containerd-shim-runc-v2", "pyrunc": "containerd-shim-pyrunc-v2"}
@@ -26,22 +24,7 @@ MiB = 1 << 20
 
 def shim_pid(cri, cid: str) -> int:
     """The pid of the shim serving ``cid``, as its Task API's Connect answers on bundle/address."""
-    sock = (cri.bundle(cid) / "address").read_text().strip().removeprefix("unix://")
-
-    async def connect() -> int:
-        async with await Client.connect(sock) as client:
-            reply = await client.call("containerd.task.v2.Task", "Connect", task_api.ConnectRequest(id=cid),
-                                      task_api.ConnectResponse, timeout=10)
-            return reply.shim_pid
-
-    return asyncio.run(connect())
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return shim_pid_at(cri.bundle(cid), cid)
 
 
 CGROUP = Path("/sys/fs/cgroup")
