@@ -1,238 +1,37 @@
-"""A throwaway containerd for tests, benchmarks and the demo: own root, state and socket in a temp dir.
-
-Our shim is put on containerd's PATH; the Go shim (Debian's containerd-shim-runc-v2) stays reachable
-as the oracle. Everything started here is stopped by pid and every mount under the temp dir is
-unmounted on :meth:`PrivateContainerd.stop`.
+"""The throwaway containerd, re-exported: it lives in shim/testing/stack.py, which ships with pyrunc so
+that other shims' authors can run our conformance scenarios (shim/testing/plugin.py). tests/, bench/ and
+tools/try import it from here, as they did before it moved.
 """
 
-from __future__ import annotations
-
-import contextlib
-import io
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tarfile
-import tempfile
-import time
 from pathlib import Path
 
+from shim.testing.stack import *  # noqa: F403
+from shim.testing.stack import (
+    BUSYBOX,
+    PYRUNC,
+    RUNC_V2,
+    SHIM_NAME,
+    PrivateContainerd,
+    build_busybox_rootfs,
+    build_oci_image_tar,
+    missing_tools,
+    shim_binary,
+    shim_binary_name,
+)
+
+# This file is always in a checkout, whichever shim package Python imported above.
 REPO = Path(__file__).resolve().parent.parent
-SHIM_NAME = "containerd-shim-pyrunc-v2"
-PYRUNC = "io.containerd.pyrunc.v2"
-RUNC_V2 = "io.containerd.runc.v2"
-BUSYBOX = "/bin/busybox"
 
-
-def shim_binary() -> str:
-    """The installed console script next to this Python, else the repo's cmd/ launcher."""
-    found = shutil.which(SHIM_NAME, path=os.path.dirname(sys.executable))
-    return found or str(REPO / "cmd" / SHIM_NAME)
-
-
-def missing_tools() -> list[str]:
-    return [t for t in ("containerd", "ctr", "runc", "containerd-shim-runc-v2") if shutil.which(t) is None] + (
-        [] if os.path.exists(BUSYBOX) else [BUSYBOX]
-    )
-
-
-def build_busybox_rootfs(dest: Path) -> Path:
-    """A minimal rootfs: static busybox and its applet links, plus the dirs runc expects."""
-    for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "usr/bin"):
-        (dest / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for name in applets:
-        link = dest / "bin" / name
-        if not link.exists():
-            link.symlink_to("busybox")
-    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (dest / "etc" / "group").write_text("root:x:0:\n")
-    return dest
-
-
-def build_oci_image_tar(rootfs: Path, out: Path, ref: str) -> Path:
-    """An OCI image archive with one layer holding ``rootfs``, for ``ctr image import``."""
-    import hashlib
-
-    layer_buf = io.BytesIO()
-    with tarfile.open(fileobj=layer_buf, mode="w") as tar:
-        for path in sorted(rootfs.rglob("*")):
-            tar.add(path, arcname=str(path.relative_to(rootfs)), recursive=False)
-    layer = layer_buf.getvalue()
-
-    def blob(data: bytes) -> tuple[str, bytes]:
-        return "sha256:" + hashlib.sha256(data).hexdigest(), data
-
-    layer_digest, _ = blob(layer)
-    config = json.dumps(
-        {
-            "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine),
-            "os": "linux",
-            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin:/sbin:/usr/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-        }
-    ).encode()
-    config_digest, _ = blob(config)
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
-                       "size": len(config)},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest,
-                        "size": len(layer)}],
-        }
-    ).encode()
-    manifest_digest, _ = blob(manifest)
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-                           "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": ref}}],
-        }
-    ).encode()
-    with tarfile.open(out, "w") as tar:
-        def add(name: str, data: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-        add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        add("index.json", index)
-        for digest, data in ((layer_digest, layer), (config_digest, config), (manifest_digest, manifest)):
-            add("blobs/sha256/" + digest.split(":")[1], data)
-    return out
-
-
-class PrivateContainerd:
-    """containerd with its own root/state/socket under a short temp dir (socket paths are limited)."""
-
-    def __init__(self, namespace: str = "pyrunc-test", extra_config: str = "", disable_cri: bool = True) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="pyrunc-", dir="/tmp"))
-        self.root, self.state = self.dir / "root", self.dir / "state"
-        self.address = str(self.dir / "c.sock")
-        self.ttrpc_address = self.address + ".ttrpc"
-        self.namespace = namespace
-        self.log_path = self.dir / "containerd.log"
-        self.bin = self.dir / "bin"
-        self.extra_config = extra_config
-        self.disable_cri = disable_cri
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> PrivateContainerd:
-        """Start containerd (again, after :meth:`stop_daemon`: same root, state and sockets)."""
-        if not self.bin.exists():
-            self.bin.mkdir()
-            (self.bin / SHIM_NAME).symlink_to(shim_binary())
-        disabled = '"io.containerd.grpc.v1.cri"' if self.disable_cri else ""
-        cfg = self.dir / "config.toml"
-        cfg.write_text(
-            f'version = 2\nroot = "{self.root}"\nstate = "{self.state}"\n'
-            f"disabled_plugins = [{disabled}]\n"
-            f'[grpc]\n  address = "{self.address}"\n[debug]\n  level = "debug"\n' + self.extra_config
-        )
-        env = dict(os.environ, PATH=f"{self.bin}:{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}")
-        self.proc = subprocess.Popen(
-            ["containerd", "--config", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.log_path, "ab"),  # noqa: SIM115 - lives as long as containerd
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited: {self.log_path.read_text()[-3000:]}")
-            if os.path.exists(self.address) and self.ctr("version", check=False).returncode == 0:
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("containerd did not come up in 20s")
-
-    def ctr(self, *args: str, check: bool = True, timeout: float = 60, input: bytes | None = None,
-            namespace: str | None = None) -> subprocess.CompletedProcess[str]:
-        cmd = ["ctr", "--address", self.address, "--namespace", namespace or self.namespace, *args]
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)
-        res = subprocess.CompletedProcess(cmd, proc.returncode, proc.stdout.decode(errors="replace"),
-                                          proc.stderr.decode(errors="replace"))
-        if check and res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}: {res.stderr.strip()}")
-        return res
-
-    def ctr_popen(self, *args: str, **kw) -> subprocess.Popen[bytes]:
-        cmd = ["ctr", "--address", self.address, "--namespace", self.namespace, *args]
-        return subprocess.Popen(cmd, start_new_session=True, **kw)
-
-    def stop_daemon(self) -> None:
-        """Stop containerd alone, as an upgrade or a crash would: its shims and containers keep running."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def shim_pids(self) -> list[int]:
-        """Shim processes (ours or Go's) serving this containerd, found by their -address argument."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(a.endswith(b"-v2") and b"containerd-shim" in a for a in argv[:3]) and self.address.encode() in argv:
-                pids.append(int(entry))
-        return pids
-
-    def zygote_pids(self) -> list[int]:
-        """pyrunc's warm parents for this containerd (shim/zygote.py), found by their arguments."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"shim.zygote" in argv and self.address.encode() in argv:
-                    pids.append(int(entry))
-        return pids
-
-    def stop(self) -> None:
-        """Remove what is left in our namespace, stop containerd and its shims, unmount, delete."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                for line in self.ctr("task", "ls", "-q", check=False, timeout=10).stdout.split():
-                    self.ctr("task", "kill", "-s", "KILL", line, check=False, timeout=10)
-                    self.ctr("task", "delete", "-f", line, check=False, timeout=10)
-                for line in self.ctr("container", "ls", "-q", check=False, timeout=10).stdout.split():
-                    self.ctr("container", "delete", line, check=False, timeout=10)
-        shims = self.shim_pids()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in shims + self.zygote_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.unmount_all()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def unmount_all(self) -> None:
-        prefix = str(self.dir) + "/"
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-        for target in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True)
-
-    def __enter__(self) -> PrivateContainerd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+__all__ = [
+    "BUSYBOX",
+    "PYRUNC",
+    "REPO",
+    "RUNC_V2",
+    "SHIM_NAME",
+    "PrivateContainerd",
+    "build_busybox_rootfs",
+    "build_oci_image_tar",
+    "missing_tools",
+    "shim_binary",
+    "shim_binary_name",
+]
