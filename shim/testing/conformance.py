@@ -56,12 +56,20 @@ def test_stdin_is_relayed(containerd, busybox_image, runtimes):
 
 
 def test_output_of_a_fast_exit_is_complete(containerd, busybox_image, runtimes):
+    expected_out = "".join(f"{i}\n" for i in range(1, 20001))
+    expected_err = "".join(f"{i}\n" for i in range(1, 501))
+
     def scenario(runtime, tag):
         r = containerd.ctr("run", "--rm", "--runtime", runtime, busybox_image, uid(tag), "sh", "-c",
                            "seq 1 20000; seq 1 500 >&2", check=False)
-        return r.returncode, len(r.stdout), r.stdout.splitlines()[-1], len(r.stderr.splitlines())
+        return r.returncode, r.stdout, r.stderr
 
-    assert same(run_each(runtimes, scenario)) == (0, len("".join(f"{i}\n" for i in range(1, 20001))), "20000", 500)
+    results = run_each(runtimes, scenario)
+    assert results["subject"] == (0, expected_out, expected_err)
+    # The Go shim with containerd 1.6 can lose the tail of a fast exit's output (its copy races
+    # Task.Delete closing the FIFOs): the oracle must agree on what it did deliver.
+    rc, out, err = results["oracle"]
+    assert rc == 0 and expected_out.startswith(out) and expected_err.startswith(err)
 
 
 def test_missing_binary_fails_create_the_same_way(containerd, busybox_image, runtimes):
