@@ -15,14 +15,16 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 from collections.abc import Callable
 
 from shim import mount
+from shim.api.containerd.runc.v1 import options_pb2
 from shim.options import RuncOptions
 from shim.process import Process, State, Stdio
 from shim.reaper import Reaper
-from shim.runc import Runc, RuncError
+from shim.runc import CriuOptions, Runc, RuncError
 from shim.stdio import ProcessIO
 from shim.ttrpc import Code, TTRPCError
 
@@ -66,6 +68,9 @@ class Container:
         self.on_exit = on_exit
         self.rootfs_mounted = False
         self.kill_all_on_exit = _shares_pid_namespace(bundle)
+        # Set while the container waits to be restored from a checkpoint: runc knows nothing of it
+        # until Start runs ``runc restore`` (as the Go shim's createdCheckpointState).
+        self.restore_from: CriuOptions | None = None
         self._starting_execs = 0
         self._monitors: set[asyncio.Task[None]] = set()
 
@@ -78,13 +83,20 @@ class Container:
         if not os.path.isabs(bundle) or not os.path.isfile(os.path.join(bundle, "config.json")):
             raise TTRPCError(Code.INVALID_ARGUMENT, f"bundle {bundle!r} has no config.json")
         runc = Runc(reaper, options.binary_name or "runc", root=options.runc_root(namespace),
-                    log=os.path.join(bundle, "log.json"), systemd_cgroup=options.systemd_cgroup)
+                    log=os.path.join(bundle, "log.json"), systemd_cgroup=options.systemd_cgroup,
+                    criu=options.criu_path or None)
         init = Process(req.id, req.id, Stdio(req.stdin, req.stdout, req.stderr, req.terminal), is_init=True)
         container = cls(req.id, bundle, namespace, runc, reaper, options, init, on_exit)
         options.save(bundle)
         container._mount_rootfs(req.rootfs)
         try:
-            init.io = pio = await ProcessIO.open(init.stdio, reaper=reaper, namespace=namespace, process_id=req.id)
+            init.io = pio = await ProcessIO.open(init.stdio, reaper=reaper, namespace=namespace, process_id=req.id,
+                                                 io_uid=options.io_uid, io_gid=options.io_gid)
+            if req.checkpoint:
+                # Restored at Start, as Go does: no process exists before then (the pid stays 0).
+                container.restore_from = CriuOptions(req.checkpoint, work_path=options.criu_work_path,
+                                                     parent_path=req.parent_checkpoint)
+                return container
             pid_file = os.path.join(bundle, "init.pid")
             try:
                 await runc.create(req.id, bundle, pid_file=pid_file, no_pivot=options.no_pivot_root,
@@ -136,6 +148,8 @@ class Container:
             raise TTRPCError(Code.ALREADY_EXISTS, f"id {exec_id}: already exists")
         if self.init.state not in (State.CREATED, State.RUNNING):
             raise TTRPCError(Code.FAILED_PRECONDITION, f"cannot exec in a {self.init.state.value} state")
+        if self.restore_from is not None:
+            raise TTRPCError(Code.FAILED_PRECONDITION, "cannot exec in a container not yet restored")
         try:
             json.loads(spec)
         except ValueError as e:
@@ -150,8 +164,11 @@ class Container:
         which the service does once the start event is in the outbox."""
         p.check("start")
         p.not_starting.clear()
+        restoring = p.is_init and self.restore_from is not None
         try:
-            if p.is_init:
+            if restoring:
+                await self._restore(p)
+            elif p.is_init:
                 try:
                     await self.runc.start(self.id)
                 except (RuncError, OSError) as e:
@@ -162,8 +179,29 @@ class Container:
         except BaseException:
             p.not_starting.set()
             raise
-        if not p.is_init:
+        if restoring or not p.is_init:  # a created init is monitored since Create
             self.monitor(p)
+
+    async def _restore(self, p: Process) -> None:
+        """``runc restore --detach`` with the process's stdio; criu's restored init becomes our child
+        when runc exits (``--no-subreaper``), so the reaper collects it like any other."""
+        assert self.restore_from is not None and isinstance(p.io, ProcessIO)
+        pid_file = os.path.join(self.bundle, "init.pid")
+        try:
+            await self.runc.restore(self.id, self.bundle, self.restore_from, pid_file=pid_file,
+                                    no_pivot=self.options.no_pivot_root, **p.io.runc_io())
+            p.pid = _read_pid(pid_file)
+        except (RuncError, OSError) as e:
+            raise runtime_error("restore", e) from e
+        try:
+            await p.io.start()  # with a terminal: receives the pty master runc sent
+        except BaseException:
+            # Restored but without its terminal: no use to anyone, and not started for containerd.
+            with contextlib.suppress(OSError):
+                os.kill(p.pid, signal.SIGKILL)
+            p.pid = 0
+            raise
+        self.restore_from = None
 
     async def _exec(self, p: Process) -> None:
         if self.init.exited:
@@ -171,7 +209,8 @@ class Container:
         self._starting_execs += 1
         try:
             p.io = pio = await ProcessIO.open(p.stdio, reaper=self.reaper, namespace=self.namespace,
-                                              process_id=p.id, is_init=False)
+                                              process_id=p.id, is_init=False, io_uid=self.options.io_uid,
+                                              io_gid=self.options.io_gid)
             pid_file = os.path.join(self.bundle, f"{p.id}.pid")
             try:
                 await self.runc.exec(self.id, p.spec, pid_file=pid_file, detach=True, **pio.runc_io())
@@ -296,6 +335,52 @@ class Container:
         except RuncError as e:
             raise runtime_error("resume", e) from e
         self.init.transition("resume")
+
+    async def checkpoint(self, path: str, opts: options_pb2.CheckpointOptions) -> str:
+        """``runc checkpoint`` (criu dump) into ``path`` (else ``opts.image_path``), which is returned.
+
+        Without ``opts.exit`` the container keeps running (``--leave-running``); with it runc stops the
+        container after the dump and its exit is reported as usual. Either way an exit is held back
+        (``not_starting``, as for an exit racing Start) until the service has published the checkpoint
+        event, so /tasks/checkpointed comes before /tasks/exit.
+        """
+        p = self.init
+        p.check("checkpoint")
+        image = path or opts.image_path
+        if not image:
+            raise TTRPCError(Code.INVALID_ARGUMENT, "checkpoint needs an image path (request path or options)")
+        # criu's work dir holds only its logs: a default one is ours to remove afterwards.
+        work = opts.work_path or os.path.join(self.bundle, "criu-work")
+        criu = CriuOptions(image, work_path=work, tcp_established=opts.open_tcp,
+                           ext_unix_sk=opts.external_unix_sockets, shell_job=opts.terminal,
+                           file_locks=opts.file_locks, cgroups_mode=opts.cgroups_mode,
+                           empty_namespaces=tuple(opts.empty_namespaces))
+        p.not_starting.clear()
+        try:
+            await self.runc.checkpoint(self.id, criu, leave_running=not opts.exit)
+        except BaseException as e:
+            p.not_starting.set()
+            if isinstance(e, RuncError | OSError):
+                raise self._checkpoint_error(e, work) from e
+            raise
+        finally:
+            if not opts.work_path:
+                shutil.rmtree(work, ignore_errors=True)
+        return image
+
+    def _checkpoint_error(self, err: RuncError | OSError, work: str) -> TTRPCError:
+        """As Go: criu's dump.log is kept in the bundle (the work dir may be removed) and named in the
+        error; runc's message is cut to its first line, whose second names that work dir's log."""
+        reason = (err.message or f"exit status {err.status}") if isinstance(err, RuncError) else str(err)
+        first_line = reason.split("\n", 1)[0]
+        message = f"OCI runtime checkpoint failed: {first_line}"
+        dump_log = os.path.join(self.bundle, "criu-dump.log")
+        try:
+            shutil.copyfile(os.path.join(work, "dump.log"), dump_log)
+        except OSError as e:
+            log.warning("container %s: keep criu's dump.log: %s", self.id, e)
+            return TTRPCError(Code.UNKNOWN, message)
+        return TTRPCError(Code.UNKNOWN, f"{message} path= {dump_log}")
 
     async def pids(self) -> list[int]:
         if self.init.state is State.DELETED:

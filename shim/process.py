@@ -67,6 +67,7 @@ class Process:
         self._exited = asyncio.Event()
         self._settled = asyncio.Event()  # exited, or deleted without ever running: Wait can answer
         # Set while no Start is in flight: an exit seen during Start waits for the start event (7111).
+        # A Checkpoint clears it too, so that an exit it causes (exit=true) follows /tasks/checkpointed.
         self.not_starting = asyncio.Event()
         self.not_starting.set()
 

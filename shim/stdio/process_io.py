@@ -46,8 +46,9 @@ FIFO_CAP = 10.0  # and a FIFO being read is waited for at most this long
 class ProcessIO:
     """The stdio plumbing of one process (init or exec); see the module docstring."""
 
-    def __init__(self, stdio: Stdio, name: str, is_init: bool = True) -> None:
+    def __init__(self, stdio: Stdio, name: str, is_init: bool = True, io_uid: int = 0, io_gid: int = 0) -> None:
         self.stdio = stdio
+        self.io_owner = (io_uid, io_gid)  # owner of the pipes the process gets (Options.io_uid/io_gid)
         self.is_init = is_init
         self.terminal = stdio.terminal
         self.name = name
@@ -70,13 +71,16 @@ class ProcessIO:
     # -- opening -------------------------------------------------------------------------------
     @classmethod
     async def open(cls, stdio: Stdio, *, reaper: Reaper, namespace: str, process_id: str,
-                   is_init: bool = True) -> ProcessIO:
+                   is_init: bool = True, io_uid: int = 0, io_gid: int = 0) -> ProcessIO:
         """Open the destinations (start a ``binary://`` logger and wait until it is ready).
+
+        ``io_uid``/``io_gid``: when set, the pipes the shim creates for the process are chowned to them,
+        as Go does, so a container user (of a user namespace, say) can reopen its /proc/self/fd/0 or 2.
 
         Errors are TTRPCError Unknown worded as the Go shim's ("failed to create init process I/O: …").
         """
         kind = "init" if is_init else "exec"
-        pio = cls(stdio, f"{kind} {process_id}", is_init)
+        pio = cls(stdio, f"{kind} {process_id}", is_init, io_uid, io_gid)
         try:
             target = uri.parse(stdio.stdout)
             if target.kind == "binary":
@@ -109,6 +113,7 @@ class ProcessIO:
             r, w = os.pipe2(os.O_CLOEXEC)
             self.child_fds.append(r)
             self._stdin, self._stdin_src = Relay(self._stdin_src, w, name=f"{self.name} stdin"), None
+            self._chown(r)
         else:
             self.child_fds.append(fifo.devnull(write=False))
         if target.kind == "binary":
@@ -126,6 +131,14 @@ class ProcessIO:
         with contextlib.suppress(OSError):  # a bigger pipe only saves wake-ups; the default works
             fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, fifo.PIPE_SIZE)
         self._stderr = Relay(r, sink, name=f"{self.name} stderr")
+        self._chown(w)
+
+    def _chown(self, fd: int) -> None:
+        """Give a pipe we made for the process to io_uid/io_gid. Only our own pipes: stdout is the
+        client's FIFO or file itself (chowning it would change their file), and Go leaves a
+        ``binary://`` logger's pipes and the console socket (runc, as root, connects to it) as they are."""
+        if self.io_owner != (0, 0):
+            os.fchown(fd, *self.io_owner)
 
     def _open_terminal(self, target: uri.Target) -> None:
         if self.stdio.stdin:
