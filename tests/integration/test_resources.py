@@ -66,7 +66,7 @@ def test_runtime_config_file_reaches_runc(containerd, busybox_image, tmp_path):
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     root = tmp_path / "runc-root"
     config = tmp_path / "pyrunc.toml"
-    config.write_text(f'binary_name = "{wrapper}"\nroot = "{root}"\n')
+    config.write_text(f'binary_name = "{wrapper}"\nroot = "{root}"\nno_pivot_root = true\nno_new_keyring = true\n')
     cid = f"opts-{uuid.uuid4().hex[:6]}"
     r = containerd.ctr("run", "--rm", "--runtime", PYRUNC, "--runtime-config-path", str(config), busybox_image,
                        cid, "echo", "through the wrapper")
@@ -75,6 +75,8 @@ def test_runtime_config_file_reaches_runc(containerd, busybox_image, tmp_path):
     verbs = [c.split()[4] if c.startswith("--root") else c for c in calls]
     assert any(" create " in f" {c} " for c in calls) and any(" start " in f" {c} " for c in calls), verbs
     assert all(c.startswith(f"--root {root}/{containerd.namespace} ") for c in calls), calls
+    create = next(c for c in calls if " create " in f" {c} ")
+    assert " --no-pivot " in create and " --no-new-keyring " in create, create
     assert not os.path.exists(root / containerd.namespace / cid), "the container is gone from the custom root"
 
 

@@ -475,3 +475,18 @@ def test_container_gives_io_uid_and_gid_to_its_processes_pipes(tmp_path: Path, f
         await kill_and_delete(s)
 
     run(tmp_path, fake, test, io_uid=1000, io_gid=1001)
+
+
+def test_runtime_options_reach_runcs_command_line(tmp_path: Path, fake: Fake) -> None:
+    """systemd_cgroup, no_pivot_root and no_new_keyring, from the runtime options to runc's argv."""
+    async def test(s: Stack) -> None:
+        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle)))
+        (create,) = s.fake.calls()
+        assert "--systemd-cgroup" in create[:create.index("create")]
+        assert {"--no-pivot", "--no-new-keyring"} <= set(create[create.index("create"):])
+        await s.acall("Kill", api.KillRequest(id=CID, signal=signal.SIGKILL))
+        await s.acall("Wait", api.WaitRequest(id=CID))
+        await s.acall("Delete", api.DeleteRequest(id=CID))
+        s.fake.calls()
+
+    run(tmp_path, fake, test, systemd_cgroup=True, no_pivot_root=True, no_new_keyring=True)
