@@ -37,7 +37,7 @@ EXEC_DRAIN_TIMEOUT = 10.0  # bound on waiting for execs after init died; they ar
 
 def check_id(kind: str, value: str) -> None:
     """Ids become file names in the bundle and runc's root: refuse anything that could escape."""
-    if not _VALID_ID.match(value):
+    if not _VALID_ID.fullmatch(value):  # fullmatch: "$" would let a trailing newline through
         raise TTRPCError(Code.INVALID_ARGUMENT, f"invalid {kind} {value!r}: must match {_VALID_ID.pattern}")
 
 
@@ -163,6 +163,8 @@ class Container:
         """Start a process. Its monitor holds back its exit until ``p.not_starting`` is set again,
         which the service does once the start event is in the outbox."""
         p.check("start")
+        if not p.not_starting.is_set():  # a Start (or checkpoint) in flight: a second one would race it
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} is being started")
         p.not_starting.clear()
         restoring = p.is_init and self.restore_from is not None
         try:
@@ -243,6 +245,7 @@ class Container:
 
     async def _monitor(self, p: Process) -> None:
         status = await self.reaper.wait_for(p.pid)
+        p.reaped = True  # the pid is free for reuse from now on: Kill must not signal it any more
         await p.not_starting.wait()
         if p.io is not None:
             await p.io.drain(timeout=2.0)
@@ -293,7 +296,7 @@ class Container:
             return
         if not p.pid:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} not created")
-        if p.exited:
+        if p.exited or p.reaped:
             raise TTRPCError(Code.NOT_FOUND, "process already finished")
         try:
             os.kill(p.pid, sig)
@@ -302,6 +305,8 @@ class Container:
 
     async def delete(self, p: Process) -> None:
         p.check("delete")
+        if not p.not_starting.is_set():
+            raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} is being started")
         if not p.is_init:
             p.transition("delete")
             del self.execs[p.id]

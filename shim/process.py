@@ -60,6 +60,7 @@ class Process:
         self.lifecycle = INIT_LIFECYCLE if is_init else EXEC_LIFECYCLE
         self.state = State.CREATED
         self.pid = 0
+        self.reaped = False  # set by the exit monitor the moment the reaper hands over the status
         self.exit_status = 0
         self.exited_at_ns = 0
         self.io: object | None = None  # the stdio plumbing (shim.stdio.ProcessIO) while it is open

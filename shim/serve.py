@@ -37,6 +37,13 @@ def serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int:
         return 1
 
 
+def _inode(path: object) -> int | None:
+    try:
+        return os.stat(path).st_ino if isinstance(path, str) and path else None
+    except OSError:
+        return None
+
+
 def join_cgroup(path: str, root: str = "/sys/fs/cgroup") -> list[str]:
     """Move this shim into the cgroup ``path`` (Options.shim_cgroup) in every hierarchy that has it: the
     unified one, or each v1 controller's. Where it does not exist nothing is created, as with the Go shim."""
@@ -91,8 +98,14 @@ async def _serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int
     log.info("pyrunc shim serving", extra={"fields": {
         "pid": os.getpid(), "namespace": args.namespace, "zygote": bool(zygote and zygote.FORKED)}})
 
-    await done.wait()
     path = listener.getsockname()
+    ours = _inode(path)
+    await done.wait()
+    # The socket file goes first, while we still listen: a `start` for the same group from now on
+    # binds a new server, and the unlink below can never remove that one's socket (same inode check).
+    if ours is not None and _inode(path) == ours:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     # In-flight calls (the Shutdown call itself) get their answers before the connection closes.
     await server.shutdown(timeout=2)
     if not await publisher.flush(timeout=5):
@@ -100,8 +113,5 @@ async def _serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int
     await publisher.close()
     service.oom.close()
     reaper.close()
-    with contextlib.suppress(OSError):
-        if isinstance(path, str) and path:
-            os.unlink(path)
     log.info("pyrunc shim exiting")
     return 0

@@ -4,6 +4,7 @@ the publisher's outbox, so the outbox order is the order things happened in."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import json
@@ -138,23 +139,25 @@ class TaskService:
         if c.id not in self.cgroups:
             try:
                 self.cgroups[c.id] = cgroups.find(c.init.pid)
-            except cgroups.CgroupError as e:
+            except (cgroups.CgroupError, OSError, ValueError) as e:  # stats and OOM events go, not the task
                 log.warning("container %s: no cgroup: %s", c.id, e)
         return self.cgroups.get(c.id)
 
     async def Start(self, ctx: ServerContext, req: api.StartRequest) -> api.StartResponse:
         c, p = self.process(req.id, req.exec_id)
         await c.start(p)
-        if p.is_init:
-            if (cg := self._find_cgroup(c)) is not None:
-                try:
-                    self.oom.add(c.id, cg, self._oom)
-                except (cgroups.CgroupError, OSError) as e:
-                    log.error("container %s: add cgroup to OOM monitor: %s", c.id, e)
-            self.publish(events.TaskStart(container_id=c.id, pid=p.pid))
-        else:
-            self.publish(events.TaskExecStarted(container_id=c.id, exec_id=p.id, pid=p.pid))
-        p.not_starting.set()  # an exit seen meanwhile may now follow the start event
+        try:
+            if p.is_init:
+                if (cg := self._find_cgroup(c)) is not None:
+                    try:
+                        self.oom.add(c.id, cg, self._oom)
+                    except Exception as e:  # an OOM watch is worth a log line, never a failed Start
+                        log.error("container %s: add cgroup to OOM monitor: %s", c.id, e)
+                self.publish(events.TaskStart(container_id=c.id, pid=p.pid))
+            else:
+                self.publish(events.TaskExecStarted(container_id=c.id, exec_id=p.id, pid=p.pid))
+        finally:
+            p.not_starting.set()  # an exit seen meanwhile may now follow the start event
         return api.StartResponse(pid=p.pid)
 
     def _oom(self, container_id: str) -> None:
@@ -169,15 +172,19 @@ class TaskService:
 
     async def Delete(self, ctx: ServerContext, req: api.DeleteRequest) -> api.DeleteResponse:
         c, p = self.process(req.id, req.exec_id)
-        await c.delete(p)
+        # Shielded: a caller that hangs up mid-way must not leave a half-deleted container behind.
+        await asyncio.shield(self._delete(c, p))
         exited_at = timestamp(p.exited_at_ns)
+        return api.DeleteResponse(pid=p.pid, exit_status=p.exit_status, exited_at=exited_at)
+
+    async def _delete(self, c: Container, p: Process) -> None:
+        await c.delete(p)
         if p.is_init:
             del self.containers[c.id]
             self.oom.remove(c.id)
             self.cgroups.pop(c.id, None)
             self.publish(events.TaskDelete(container_id=c.id, pid=p.pid, exit_status=p.exit_status,
-                                           exited_at=exited_at))
-        return api.DeleteResponse(pid=p.pid, exit_status=p.exit_status, exited_at=exited_at)
+                                           exited_at=timestamp(p.exited_at_ns)))
 
     async def Exec(self, ctx: ServerContext, req: api.ExecProcessRequest) -> empty_pb2.Empty:
         c = self.container(req.id)

@@ -26,6 +26,7 @@ _SHIM_DIR = os.path.dirname(os.path.abspath(__file__))
 FORKED = False  # True in a server this zygote forked (for its log line)
 _LOCK: int | None = None  # the zygote's lock fd
 _CMDLINE_ROOM = 512
+_MAX_REQUEST = 16 << 20  # argv, env and options: far below this
 
 
 def enabled() -> bool:
@@ -147,7 +148,10 @@ def serve_forever(address: str, path: str, idle: float) -> int:
                 continue
             last = _now()
             with conn:
-                _handle(conn, server)
+                try:
+                    _handle(conn, server)
+                except (OSError, ValueError, IndexError) as e:  # a bad or stalled caller must not end it
+                    print(f"pyrunc zygote: request failed: {e}", file=sys.stderr)
     finally:
         server.close()
         for p in (path, path + ".lock"):
@@ -172,26 +176,31 @@ def _handle(conn, server) -> None:
     if uid not in (0, os.geteuid()):
         return
     data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 1)
-    while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
-        chunk = conn.recv(1 << 20)
-        if not chunk:
-            break
-        data += chunk
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        return
-    listener_fd = fds[0]
+    for fd in fds:
+        # recv_fds gives inheritable fds: without this every runc/logger the server spawns would hold
+        # (and keep accepting on) the shim's API socket.
+        os.set_inheritable(fd, False)
     try:
+        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+            if len(data) > _MAX_REQUEST:
+                raise ValueError("zygote request too large")
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        if len(fds) != 1:
+            raise ValueError(f"zygote request with {len(fds)} fds")
         items = _unpack(_unpack(data)[0])
         if items[0] != _MAGIC:
-            return
+            raise ValueError("not a zygote request")
         cwd, options, argc = os.fsdecode(items[1]), items[2], int(items[3])
         argv = [os.fsdecode(a) for a in items[4:4 + argc]]
         env = dict(os.fsdecode(e).split("=", 1) for e in items[4 + argc:])
-    except (ValueError, IndexError):
-        os.close(listener_fd)
-        return
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    listener_fd = fds[0]
     first = os.fork()
     if first == 0:  # the intermediate: forks the server and leaves, so the server is nobody's child
         try:
