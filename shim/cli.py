@@ -635,12 +635,25 @@ def delete(args: ShimArgs) -> int:
             unmount_all(rootfs)
     except OSError as e:
         _log(args, "warning", "failed to cleanup rootfs mount", error=e)
+    _remove_dead_socket(args)
     pid = _read_int(args, "init.pid", 0)
     status = _read_int(args, "init.exit", KILLED_STATUS)  # written by the server when init exited
     seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
     sys.stdout.buffer.write(encode_delete_response(pid, status, seconds, nanos))
     sys.stdout.flush()
     return 0
+
+
+def _remove_dead_socket(args: ShimArgs) -> None:
+    """A killed server leaves its socket file; nobody else would remove it. A live one (a group's
+    shim still serving its other containers) is left alone."""
+    try:
+        with open(os.path.join(args.bundle, "address")) as f:
+            path = f.read().strip().removeprefix("unix://")
+    except OSError:
+        return
+    if path.startswith("/") and os.path.exists(path) and not _is_served(path):
+        _remove(path)
 
 
 def _saved_options(args: ShimArgs) -> dict[str, object]:

@@ -137,6 +137,10 @@ def serve_forever(address: str, path: str, idle: float) -> int:
     os.chmod(path, 0o600)
     server.listen(64)
     server.settimeout(5.0)
+    import signal
+
+    # SIGTERM ends the loop through the finally below, so the socket and lock files go too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     gc.collect()
     gc.freeze()  # what was imported stays out of the collector's way: pages stay shared after fork
     last = _now()
@@ -229,6 +233,9 @@ def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], e
         if conn.recv(1) != b"G":
             return  # the caller gave up on us (see request_server): serving would be a second server
         conn.close()
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's handler is not the server's
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)

@@ -128,6 +128,13 @@ def build_oci_image_tar(rootfs: Path, out: Path, ref: str) -> Path:
     return out
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class PrivateContainerd:
     """containerd with its own root/state/socket under a short temp dir (socket paths are limited)."""
 
@@ -267,7 +274,14 @@ class PrivateContainerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pid in shims + self.zygote_pids():
+        zygotes = self.zygote_pids()
+        for pid in zygotes:  # SIGTERM first: a zygote removes its socket and lock files on the way out
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while any(_running(pid) for pid in zygotes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in shims + zygotes:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.unmount_all()

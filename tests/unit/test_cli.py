@@ -683,6 +683,26 @@ def test_delete_defaults(bundle: Path, fake_runc: Path, monkeypatch: pytest.Monk
     assert not sigign & (1 << (signal.SIGPIPE - 1))
 
 
+def test_delete_removes_a_dead_servers_socket_but_not_a_live_one(bundle: Path, fake_runc: Path,
+                                                               capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    (bundle / "options.json").write_text(json.dumps({"binary_name": str(fake_runc)}))
+    sockdir = Path(tempfile.mkdtemp(prefix="dl-", dir="/tmp"))
+    try:
+        dead, live = sockdir / "dead", sockdir / "live"
+        socket.socket(socket.AF_UNIX).bind(str(dead))  # bound, never listening: what a killed shim leaves
+        (bundle / "address").write_text(f"unix://{dead}")
+        run_delete(bundle, capsysbinary)
+        assert not dead.exists()
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(live))
+            server.listen()
+            (bundle / "address").write_text(f"unix://{live}")
+            run_delete(bundle, capsysbinary)
+            assert live.exists(), "a group's shim still serves other containers on it"
+    finally:
+        shutil.rmtree(sockdir)
+
+
 def test_delete_ignores_a_container_runc_does_not_know(bundle: Path, fake_runc: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsysbinary: pytest.CaptureFixture[bytes]) -> None:
