@@ -49,6 +49,16 @@ def runtime_error(verb: str, err: RuncError | OSError) -> TTRPCError:
     return TTRPCError(Code.UNKNOWN, f"OCI runtime {verb} failed: {message}")
 
 
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _background(coro) -> None:
+    """Run ``coro`` to the end whatever happens to the caller (referenced until done)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
 def _read_pid(path: str) -> int:
     with open(path) as f:
         return int(f.read().strip())
@@ -89,6 +99,7 @@ class Container:
         container = cls(req.id, bundle, namespace, runc, reaper, options, init, on_exit)
         options.save(bundle)
         container._mount_rootfs(req.rootfs)
+        created = False
         try:
             init.io = pio = await ProcessIO.open(init.stdio, reaper=reaper, namespace=namespace, process_id=req.id,
                                                  io_uid=options.io_uid, io_gid=options.io_gid)
@@ -103,14 +114,28 @@ class Container:
                                   no_new_keyring=options.no_new_keyring, **pio.runc_io())
             except (RuncError, OSError) as e:
                 raise runtime_error("create", e) from e
+            created = True
             await pio.start()  # with a terminal: receives the pty master runc sent
-            init.pid = _read_pid(pid_file)
+            try:
+                init.pid = _read_pid(pid_file)
+            except (OSError, ValueError) as e:
+                raise TTRPCError(Code.UNKNOWN, f"OCI runtime create failed: bad pid file {pid_file}: {e}") from e
         except BaseException:
             if init.io is not None:
                 init.io.close()
-            container._unmount_rootfs()
+            if created:  # runc made a container nobody will own: remove it, even if our caller is gone
+                _background(container._forget_runc_container())
+            else:
+                container._unmount_rootfs()
             raise
         return container
+
+    async def _forget_runc_container(self) -> None:
+        try:
+            await self.runc.delete(self.id, force=True)
+        except (RuncError, OSError) as e:
+            log.warning("container %s: cleanup after a failed create: %s", self.id, e)
+        self._unmount_rootfs()
 
     def _mount_rootfs(self, mounts) -> None:
         if not mounts:

@@ -66,7 +66,7 @@ if verb in ("create", "restore"):
     p = subprocess.Popen(["sh", "-c", "echo " + verb + "d; exec sleep 1000"], start_new_session=True)
     for path in (opt("--pid-file"), init_file):
         with open(path, "w") as f:
-            f.write(str(p.pid))
+            f.write("not-a-pid" if b.get("bad_pid") and path != init_file else str(p.pid))
     with open(os.path.join(here, "spawned"), "a") as f:
         f.write(str(p.pid) + " ")
 elif verb == "checkpoint":
@@ -78,6 +78,12 @@ elif verb == "checkpoint":
 elif verb == "kill":
     with open(init_file) as f:
         os.kill(int(f.read()), int(rest[-1]))
+elif verb == "delete" and "--force" in rest and os.path.exists(init_file):
+    with open(init_file) as f:
+        try:
+            os.kill(int(f.read()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 """
 
 
@@ -490,3 +496,33 @@ def test_runtime_options_reach_runcs_command_line(tmp_path: Path, fake: Fake) ->
         s.fake.calls()
 
     run(tmp_path, fake, test, systemd_cgroup=True, no_pivot_root=True, no_new_keyring=True)
+
+
+def test_a_create_that_fails_after_runc_created_removes_the_runc_container(tmp_path: Path, fake: Fake) -> None:
+    """runc made the container, then the shim could not finish (here: an unreadable pid file): nobody
+    would ever own it, so it is deleted with --force (and its init killed), not left behind."""
+    async def test(s: Stack) -> None:
+        fake.behave(create={"bad_pid": True})
+        code, message = await code_of(s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle))))
+        assert code == Code.UNKNOWN and "bad pid file" in message
+        for _ in range(100):
+            verbs = [argv[GLOBAL_FLAGS:] for argv in fake.calls()]
+            if verbs[-1:] == [["delete", "--force", CID]] or ["delete", "--force", CID] in verbs:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("no runc delete --force after the failed create")
+        assert CID not in s.service.containers
+        for _ in range(100):  # the reaper collects the killed init
+            if all(p_gone(pid) for pid in fake.spawned()):
+                break
+            await asyncio.sleep(0.02)
+
+    run(tmp_path, fake, test)
+
+
+def p_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
