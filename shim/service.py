@@ -70,6 +70,10 @@ _ERRNO_CODES = {
 }
 
 
+# Each Task method's request class, looked up once per process (the zygote's, when there is one).
+_REQUEST_TYPES = {m.name: getattr(api, m.input_type.name) for m in api.DESCRIPTOR.services_by_name["Task"].methods}
+
+
 def _os_errors(handler):
     """An OSError that escapes a handler (a bad stdio path, say) becomes a clear error with a fitting code."""
     @functools.wraps(handler)
@@ -97,11 +101,7 @@ class TaskService:
         self.oom = cgroups.OOMWatcher()
 
     def methods(self) -> dict[str, Method]:
-        names = ["State", "Create", "Start", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill", "Exec",
-                 "ResizePty", "CloseIO", "Update", "Wait", "Stats", "Connect", "Shutdown"]
-        request_types = {m.name: m.input_type.full_name.rsplit(".", 1)[1]
-                         for m in api.DESCRIPTOR.services_by_name["Task"].methods}
-        return {n: Method(_os_errors(getattr(self, n)), getattr(api, request_types[n])) for n in names}
+        return {name: Method(_os_errors(getattr(self, name)), request) for name, request in _REQUEST_TYPES.items()}
 
     def container(self, id: str) -> Container:
         c = self.containers.get(id)

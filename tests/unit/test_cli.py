@@ -639,6 +639,19 @@ def fake_runc(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def runc_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """runc's state directory for c1 under a default root of our own: delete runs runc only while it exists."""
+    root = tmp_path / "runc-default"
+    monkeypatch.setattr(cli, "DEFAULT_RUNC_ROOT", str(root))
+    (root / "ns1" / "c1").mkdir(parents=True)
+    return root / "ns1"
+
+
+def test_default_runc_root_is_the_go_shims() -> None:
+    assert cli.DEFAULT_RUNC_ROOT == "/run/containerd/runc"  # containerd's process.RuncRoot
+
+
 def delete_argv(bundle: Path, *flags: str) -> list[str]:
     return BASE + list(flags) + ["-id", "c1", "-bundle", str(bundle), "delete"]
 
@@ -659,6 +672,7 @@ def test_delete_with_saved_options(bundle: Path, fake_runc: Path, tmp_path: Path
     (bundle / "options.json").write_text(json.dumps({
         "binary_name": str(fake_runc), "root": str(tmp_path / "runc-root"), "systemd_cgroup": True,
         "no_pivot_root": False, "shim_cgroup": "", "io_uid": 0}))
+    (tmp_path / "runc-root" / "ns1" / "c1").mkdir(parents=True)
     (bundle / "init.pid").write_text("4321")
     (bundle / "init.exit").write_text("3")
     response, out, err = run_delete(bundle, capsysbinary)
@@ -669,14 +683,14 @@ def test_delete_with_saved_options(bundle: Path, fake_runc: Path, tmp_path: Path
         "--systemd-cgroup", "delete", "--force", "c1"]
 
 
-def test_delete_defaults(bundle: Path, fake_runc: Path, monkeypatch: pytest.MonkeyPatch,
+def test_delete_defaults(bundle: Path, fake_runc: Path, runc_state: Path, monkeypatch: pytest.MonkeyPatch,
                          capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     monkeypatch.setenv("PATH", f"{fake_runc.parent}:{os.environ['PATH']}")
     response, out, err = run_delete(bundle, capsysbinary)
     assert (response.pid, response.exit_status, err) == (0, 137, "")  # nothing known: reported as killed
     assert out == shim_pb2.DeleteResponse(exit_status=137, exited_at=response.exited_at).SerializeToString()
     assert (fake_runc.parent / "runc.argv").read_text().splitlines() == [
-        "--root", "/run/containerd/runc/ns1", "--log", str(bundle / "log.json"), "--log-format", "json",
+        "--root", str(runc_state), "--log", str(bundle / "log.json"), "--log-format", "json",
         "delete", "--force", "c1"]
     # runc gets SIGPIPE back at its default, not Python's "ignored"
     sigign = int((fake_runc.parent / "runc.sigign").read_text().split()[1], 16)
@@ -703,7 +717,7 @@ def test_delete_removes_a_dead_servers_socket_but_not_a_live_one(bundle: Path, f
         shutil.rmtree(sockdir)
 
 
-def test_delete_ignores_a_container_runc_does_not_know(bundle: Path, fake_runc: Path,
+def test_delete_ignores_a_container_runc_does_not_know(bundle: Path, fake_runc: Path, runc_state: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     (bundle / "options.json").write_text(json.dumps({"binary_name": str(fake_runc)}))
@@ -715,7 +729,8 @@ def test_delete_ignores_a_container_runc_does_not_know(bundle: Path, fake_runc: 
     assert "level=debug" in err and "does not exist" in err
 
 
-def test_delete_warns_on_other_failures(bundle: Path, fake_runc: Path, monkeypatch: pytest.MonkeyPatch,
+def test_delete_warns_on_other_failures(bundle: Path, fake_runc: Path, runc_state: Path,
+                                        monkeypatch: pytest.MonkeyPatch,
                                         capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     (bundle / "options.json").write_text(json.dumps({"binary_name": str(fake_runc)}))
     (bundle / "init.pid").write_text("not a pid")
@@ -729,21 +744,37 @@ def test_delete_warns_on_other_failures(bundle: Path, fake_runc: Path, monkeypat
     assert 'level=warning msg="failed to read init.pid"' in lines[1]
 
 
-def test_delete_without_runc_still_answers(bundle: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+def test_delete_without_runc_still_answers(bundle: Path, runc_state: Path,
+                                          capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     (bundle / "options.json").write_text(json.dumps({"binary_name": str(bundle / "no-such-runc")}))
     (bundle / "init.exit").write_text("0\n")
     response, _, err = run_delete(bundle, capsysbinary)
     assert response.exit_status == 0 and "failed to remove runc container" in err
 
 
-def test_delete_with_unreadable_options_uses_defaults(bundle: Path, fake_runc: Path,
+def test_delete_with_unreadable_options_uses_defaults(bundle: Path, fake_runc: Path, runc_state: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     monkeypatch.setenv("PATH", f"{fake_runc.parent}:{os.environ['PATH']}")
     (bundle / "options.json").write_text("{")
     _, _, err = run_delete(bundle, capsysbinary)
     assert "failed to read options.json" in err
-    assert (fake_runc.parent / "runc.argv").read_text().splitlines()[:2] == ["--root", "/run/containerd/runc/ns1"]
+    assert (fake_runc.parent / "runc.argv").read_text().splitlines()[:2] == ["--root", str(runc_state)]
+
+
+def test_delete_skips_runc_when_its_state_is_gone(bundle: Path, fake_runc: Path, runc_state: Path,
+                                                  capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    (bundle / "options.json").write_text(json.dumps({"binary_name": str(fake_runc)}))
+    (runc_state / "c1").rmdir()  # runc delete --force would only have found nothing
+    (bundle / "init.exit").write_text("5")
+    response, _, err = run_delete(bundle, capsysbinary)
+    assert response.exit_status == 5 and err == ""
+    assert not (fake_runc.parent / "runc.argv").exists()
+    _, _, err = run_delete(bundle, capsysbinary, "-debug")
+    assert 'level=debug msg="runc container already gone"' in err
+    (runc_state / "c1").mkdir()  # a state dir without state.json (an aborted create): runc removes it
+    run_delete(bundle, capsysbinary)
+    assert (fake_runc.parent / "runc.argv").read_text().splitlines()[-3:] == ["delete", "--force", "c1"]
 
 
 def mount_tmpfs(path: Path) -> None:

@@ -79,7 +79,7 @@ def test_zygote_forks_a_detached_server_and_leaves_when_containerd_is_gone(short
         deadline = time.monotonic() + 10  # the server sets itself up after the zygote answered
         while time.monotonic() < deadline:
             stat = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[3]) == server_pid:
+            if Path(f"/proc/{server_pid}/cwd").resolve() == bundle:
                 break
             time.sleep(0.02)
         assert int(stat[1]) != proc.pid, "the server is not the zygote's child (double fork)"
@@ -144,3 +144,65 @@ def test_a_server_without_the_go_ahead_never_serves(short_tmp):
         address.unlink(missing_ok=True)
         proc.kill()
         proc.wait()
+
+
+def _spares(path: str, zygote_pid: int) -> list[int]:
+    """Processes forked from the zygote that still carry its command line: its waiting spares."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != zygote_pid:
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if path.encode() in argv and state != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_a_spare_waits_is_replaced_when_killed_and_leaves_with_the_zygote(short_tmp):
+    address = short_tmp / "containerd.sock"
+    address.write_text("")
+    path = zygote.socket_path(str(address), str(short_tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "shim.zygote", str(address), path],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    servers = []
+    try:
+        assert _wait_for(lambda: os.path.exists(path) and len(_spares(path, proc.pid)) == 1, 20)
+        (spare,) = _spares(path, proc.pid)
+        os.kill(spare, 9)  # a spare lost while waiting: the next request still gets a server
+        assert _wait_for(lambda: spare not in _spares(path, proc.pid))
+        for n in range(2):
+            bundle = short_tmp / f"bundle{n}"
+            bundle.mkdir()
+            with socket.socket(socket.AF_UNIX) as listener:
+                listener.bind(str(short_tmp / f"task{n}.sock"))
+                listener.listen()
+                pid = zygote.request_server(
+                    path, ["-namespace", "ns", "-address", str(address), "-id", f"c{n}", "-bundle", str(bundle)],
+                    str(bundle), listener.fileno(), b"", {"TTRPC_ADDRESS": str(short_tmp / "ttrpc.sock")})
+            assert pid is not None and pid != spare
+            servers.append(pid)
+            assert _wait_for(lambda b=bundle, p=pid: Path(f"/proc/{p}/cwd").resolve() == b)
+        assert len(set(servers)) == 2
+        assert _wait_for(lambda: len([p for p in _spares(path, proc.pid) if p not in servers]) == 1)
+        address.unlink()  # the zygote leaves; its spare sees the channel close and leaves too
+        proc.wait(15)
+        assert _wait_for(lambda: [p for p in _spares(path, proc.pid) if p not in servers] == [])
+    finally:
+        for pid in servers:
+            os.kill(pid, 9)
+        address.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
