@@ -45,7 +45,7 @@ import sys
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     import _socket
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import NoReturn
 
 PROG = "containerd-shim-pyrunc-v2"
@@ -585,7 +585,8 @@ def server_argv(args: ShimArgs) -> list[str]:
     return [*argv, "-debug"] if args.debug else argv
 
 
-def _become_server(args: ShimArgs, listener: _socket.socket, options: bytes) -> NoReturn:
+def _become_server(args: ShimArgs, listener: _socket.socket, options: bytes,
+                   go_ahead: Callable[[], bool] | None = None) -> NoReturn:
     """The forked child. Whatever happens it ends here, never back in the parent's code."""
     status: object = 1
     try:
@@ -597,7 +598,7 @@ def _become_server(args: ShimArgs, listener: _socket.socket, options: bytes) -> 
         from shim.serve import serve
 
         server_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=listener.detach())
-        status = serve(args, server_socket, options)
+        status = serve(args, server_socket, options, go_ahead)
     except SystemExit as e:
         status = 0 if e.code is None else e.code
     except BaseException:

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shim import log as shimlog
@@ -27,11 +28,14 @@ log = logging.getLogger("pyrunc")
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")  # v3 is v2 renamed
 
 
-def serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int:
+def serve(args: ShimArgs, listener: socket.socket, options: bytes,
+          go_ahead: Callable[[], bool] | None = None) -> int:
+    """Serve until Shutdown. ``go_ahead`` (a zygote's server): asked, once everything else is ready, whether
+    to accept on ``listener`` at all; False means ``start`` gave up on this server, which leaves."""
     shimlog.setup(args.bundle, args.debug)
     try:
         set_child_subreaper()
-        return asyncio.run(_serve(args, listener, options))
+        return asyncio.run(_serve(args, listener, options, go_ahead))
     except Exception:
         log.exception("shim failed")
         return 1
@@ -64,7 +68,8 @@ def join_cgroup(path: str, root: str = "/sys/fs/cgroup") -> list[str]:
     return joined
 
 
-async def _serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int:
+async def _serve(args: ShimArgs, listener: socket.socket, options: bytes,
+                 go_ahead: Callable[[], bool] | None) -> int:
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.install()
@@ -91,6 +96,9 @@ async def _serve(args: ShimArgs, listener: socket.socket, options: bytes) -> int
     server = Server()
     for name in TASK_SERVICES:
         server.register(name, service.methods())
+    if go_ahead is not None and not go_ahead():
+        log.info("pyrunc shim not serving: start gave up on it")
+        return 0
     await server.start(listener)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)

@@ -333,17 +333,14 @@ def _serve_request(conn) -> None:
 
 
 def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], env: dict[str, str]) -> None:
-    """In the server: take the caller's environment and cwd, then serve; never returns."""
+    """In the server: take the caller's environment and cwd, then serve; never returns. Everything up to
+    accepting connections happens while ``start`` finishes; accepting waits for its go-ahead."""
     import socket
 
     from shim import cli
 
     status = 1
     try:
-        conn.settimeout(30.0)
-        if conn.recv(1) != b"G":
-            return  # the caller gave up on us (see request_server): serving would be a second server
-        conn.close()
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
@@ -354,7 +351,18 @@ def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], e
         import shim.zygote  # this file runs as __main__ here; serve looks at the package module
 
         shim.zygote.FORKED = True  # (imported by the zygote already)
-        cli._become_server(args, listener, options)  # never returns
+
+        def go_ahead() -> bool:
+            # Without it (start gave up on us, see request_server) serving would be a second server.
+            try:
+                conn.settimeout(30.0)
+                return conn.recv(1) == b"G"
+            except OSError:
+                return False
+            finally:
+                conn.close()
+
+        cli._become_server(args, listener, options, go_ahead)  # never returns
     finally:
         os._exit(status)
 

@@ -348,7 +348,7 @@ FAKE_SERVE = textwrap.dedent("""
 
     record, sockdir = sys.argv[1], sys.argv[2]
 
-    def serve(args, listener, options):
+    def serve(args, listener, options, go_ahead=None):
         info = {
             "pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0), "cwd": os.getcwd(),
             "stdio": [os.readlink(f"/proc/self/fd/{fd}") for fd in (0, 1, 2)],
