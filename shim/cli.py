@@ -472,19 +472,34 @@ def _listen(path: str) -> _socket.socket | None:
     import errno
 
     # Only root may enter: the socket is the shim's whole API (never an abstract socket, CVE-2020-15257).
+    directory = os.path.dirname(path)
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        return _bind(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except PermissionError as e:
         raise ShimError(f"cannot create the shim socket {path}: {e.strerror}: containerd and its shims run as "
                         "root (the socket directory is root-only)") from e
-    except OSError as e:
-        if e.errno != errno.EADDRINUSE:
-            raise
-    if _is_served(path):
-        return None
-    os.unlink(path)  # left by a server that died without cleaning up
-    return _bind(path)
+    try:
+        # Between another start's bind and its listen its socket refuses connections, like a dead one: the
+        # directory's lock keeps this start from taking it for dead and replacing it.
+        _flock(lock)
+        try:
+            return _bind(path)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+        if _is_served(path):
+            return None
+        os.unlink(path)  # left by a server that died without cleaning up
+        return _bind(path)
+    finally:
+        os.close(lock)  # (releases the lock)
+
+
+def _flock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def _bind(path: str) -> _socket.socket:

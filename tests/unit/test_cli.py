@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,6 +305,30 @@ def test_start_replaces_a_dead_socket(sockdir: str, bundle: Path, stdin: io.Byte
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert (bundle / "address").read_text() == address
     assert adjusted == [2**22 + 1]
+
+
+def test_start_waits_for_a_socket_between_bind_and_listen(sockdir: str, bundle: Path, stdin: io.BytesIO,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Another start that has bound the group's socket but not listened yet holds the directory's lock:
+    this one waits, then finds the socket alive, instead of replacing it as dead."""
+    address = cli.socket_address(CONTAINERD_SOCK, "ns1", "c1")
+    os.makedirs(sockdir, mode=0o700)
+    lock = os.open(sockdir, os.O_RDONLY | os.O_DIRECTORY)
+    results: list[int] = []
+    with socket.socket(socket.AF_UNIX) as other:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        other.bind(address.removeprefix("unix://"))
+        monkeypatch.setattr(os, "fork", no_fork)
+        waiter = threading.Thread(target=lambda: results.append(cli.main(start_argv(bundle))))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive(), "start did not wait for the lock"
+        other.listen()
+        os.close(lock)
+        waiter.join(10)
+    assert results == [0]
+    assert capsys.readouterr() == (address, "")
 
 
 def test_start_creates_the_socket_dir_for_root_only(sockdir: str, bundle: Path, stdin: io.BytesIO,
