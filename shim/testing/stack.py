@@ -149,6 +149,7 @@ class PrivateContainerd:
         self.extra_config = extra_config
         self.disable_cri = disable_cri
         self.proc: subprocess.Popen[bytes] | None = None
+        self._namespaces = {namespace}
 
     def start(self) -> PrivateContainerd:
         """Start containerd (again, after :meth:`stop_daemon`: same root, state and sockets)."""
@@ -209,6 +210,7 @@ class PrivateContainerd:
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 60, input: bytes | None = None,
             namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        self._namespaces.add(namespace or self.namespace)
         cmd = ["ctr", "--address", self.address, "--namespace", namespace or self.namespace, *args]
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)
         res = subprocess.CompletedProcess(cmd, proc.returncode, proc.stdout.decode(errors="replace"),
@@ -285,7 +287,16 @@ class PrivateContainerd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.unmount_all()
+        self.remove_namespace_cgroups()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def remove_namespace_cgroups(self, root: str = "/sys/fs/cgroup") -> None:
+        """runc puts containers in ``<hierarchy>/<namespace>/<id>`` and leaves the namespace's cgroup behind
+        (so does the Go shim): remove those that are empty. rmdir refuses a cgroup still in use."""
+        for hierarchy in [root, *(os.path.join(root, d) for d in os.listdir(root))] if os.path.isdir(root) else []:
+            for namespace in self._namespaces:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(hierarchy, namespace))
 
     def unmount_all(self) -> None:
         prefix = str(self.dir) + "/"

@@ -67,3 +67,18 @@ def test_a_runtime_resolves_on_the_callers_path_or_as_an_absolute_path(unstarted
     assert unstarted_stack.resolve_runtime(str(tmp_path / "nothing")) is None
     assert unstarted_stack.resolve_runtime("io.containerd.nosuchshim.v2") is None
     assert unstarted_stack.resolve_runtime("runc") is None
+
+
+def test_stop_removes_empty_namespace_cgroups_only(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    for hierarchy in ("memory", "cpu", "pids"):
+        (root / hierarchy / "ns1").mkdir(parents=True)
+        (root / hierarchy / "other-ns").mkdir()
+    (root / "pids" / "ns1" / "c1").mkdir()  # still holds a container's cgroup: left alone
+    stack = PrivateContainerd(namespace="ns1")
+    try:
+        stack.remove_namespace_cgroups(str(root))
+    finally:
+        shutil.rmtree(stack.dir, ignore_errors=True)
+    assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*")) == [
+        "cpu/other-ns", "memory/other-ns", "pids/ns1", "pids/other-ns"]
