@@ -827,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repetitions, 10 containers only (~1 min)")
     p.add_argument("--json", metavar="FILE", help="also write every sample and detail as JSON")
     p.add_argument("--md", metavar="FILE", help="also write the markdown table to a file")
+    p.add_argument("--png", metavar="FILE", help="also draw the ratios as a chart (needs matplotlib: .[bench])")
     p.add_argument("--no-precompile", action="store_true",
                    help="run the checkout's shim as it is instead of a bytecode-compiled copy")
     args = p.parse_args(argv)
@@ -879,10 +880,13 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.md:
         Path(args.md).write_text(text + "\n")
+    results = {"meta": meta, "notes": bench.notes, "metrics": [m.as_json() for m in bench.res.metrics.values()]}
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "notes": bench.notes,
-                                               "metrics": [m.as_json() for m in bench.res.metrics.values()]},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.png:
+        from chart import render  # bench/ is on sys.path as this script's directory
+
+        render(results, args.png)
     return 130 if interrupted else 0
 
 
