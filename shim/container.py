@@ -59,9 +59,18 @@ def _background(coro) -> None:
     task.add_done_callback(_BACKGROUND.discard)
 
 
-def _read_pid(path: str) -> int:
-    with open(path) as f:
-        return int(f.read().strip())
+def _read_pid(path: str, verb: str) -> int:
+    """The pid runc wrote to the pid file the shim named. A missing or garbled one is the runtime's
+    failure, never the caller's (a missing init.pid is no NotFound): Unknown, worded as Go's."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        if pid <= 0:  # 0 or -1 would make a kill signal our own group or everything
+            raise ValueError(f"{pid} is not a process id")
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise TTRPCError(Code.UNKNOWN, f"OCI runtime {verb} failed: bad pid file {path}: {reason}") from e
+    return pid
 
 
 class Container:
@@ -116,10 +125,7 @@ class Container:
                 raise runtime_error("create", e) from e
             created = True
             await pio.start()  # with a terminal: receives the pty master runc sent
-            try:
-                init.pid = _read_pid(pid_file)
-            except (OSError, ValueError) as e:
-                raise TTRPCError(Code.UNKNOWN, f"OCI runtime create failed: bad pid file {pid_file}: {e}") from e
+            init.pid = _read_pid(pid_file, "create")
         except BaseException:
             if init.io is not None:
                 init.io.close()
@@ -217,7 +223,7 @@ class Container:
         try:
             await self.runc.restore(self.id, self.bundle, self.restore_from, pid_file=pid_file,
                                     no_pivot=self.options.no_pivot_root, **p.io.runc_io())
-            p.pid = _read_pid(pid_file)
+            p.pid = _read_pid(pid_file, "restore")
         except (RuncError, OSError) as e:
             raise runtime_error("restore", e) from e
         try:
@@ -241,7 +247,7 @@ class Container:
             pid_file = os.path.join(self.bundle, f"{p.id}.pid")
             try:
                 await self.runc.exec(self.id, p.spec, pid_file=pid_file, detach=True, **pio.runc_io())
-                p.pid = _read_pid(pid_file)
+                p.pid = _read_pid(pid_file, "exec")
             except (RuncError, OSError) as e:
                 pio.close()
                 p.io = None
@@ -419,6 +425,8 @@ class Container:
             return await self.runc.ps(self.id)
         except RuncError as e:
             raise runtime_error("ps", e) from e
+        except (ValueError, TypeError) as e:  # runc said it succeeded: its output is what is wrong
+            raise TTRPCError(Code.INTERNAL, f"runc ps printed no JSON list of pids: {e}") from e
 
 
 def _shares_pid_namespace(bundle: str) -> bool:

@@ -71,7 +71,10 @@ _ERRNO_CODES = {
 
 
 def _os_errors(handler):
-    """An OSError that escapes a handler (a bad stdio path, say) becomes a clear error with a fitting code."""
+    """An OSError that escapes a handler (a bad stdio path, say) becomes a clear error with a fitting code.
+
+    Only paths the caller gave get here: failures with the shim's own files (pid files, options.json)
+    are TTRPCErrors where they happen, so a missing one of those never reads as the caller's NotFound."""
     @functools.wraps(handler)
     async def wrapped(ctx: ServerContext, req):
         try:
@@ -289,3 +292,5 @@ class TaskService:
             return api.StatsResponse(stats=cgroups.stats(cg))
         except cgroups.CgroupError as e:
             raise TTRPCError(Code.NOT_FOUND, str(e)) from e
+        except ValueError as e:  # the kernel's file, not the request, is what did not parse
+            raise TTRPCError(Code.INTERNAL, f"cannot parse the cgroup's statistics: {e}") from e

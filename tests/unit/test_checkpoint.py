@@ -1,10 +1,11 @@
 """Checkpoint and restore through the Task service and Container, end to end against a fake runc.
 
-The fake runc records its argv and plays runc's part: ``create``/``restore`` start a real process (the
-"container's init", a shell that writes one line and sleeps) whose pid goes to the pid file and which
-becomes our child when the fake exits (we are the subreaper); ``checkpoint`` writes criu's dump.log
-into the work dir and, without --leave-running, kills the init as runc does after a dump; ``kill``
-signals the init; each verb can be told to fail with a runc log error.
+The fake runc records its argv and plays runc's part: ``create``/``restore``/``exec`` start a real process
+(the "container's init" or the exec'd one, a shell that writes one line and sleeps) whose pid goes to the
+pid file and which becomes our child when the fake exits (we are the subreaper); ``checkpoint`` writes
+criu's dump.log into the work dir and, without --leave-running, kills the init as runc does after a
+dump; ``kill`` signals the init; ``ps`` prints what it is told to; each verb can be told to fail with a
+runc log error.
 """
 
 from __future__ import annotations
@@ -62,13 +63,18 @@ if b.get("error"):
     with open(opt_log := args[args.index("--log") + 1], "a") as f:
         f.write(json.dumps({{"level": "error", "msg": b["error"]}}) + "\\n")
     sys.exit(1)
-if verb in ("create", "restore"):
+if verb in ("create", "restore", "exec"):
     p = subprocess.Popen(["sh", "-c", "echo " + verb + "d; exec sleep 1000"], start_new_session=True)
-    for path in (opt("--pid-file"), init_file):
-        with open(path, "w") as f:
-            f.write("not-a-pid" if b.get("bad_pid") and path != init_file else str(p.pid))
     with open(os.path.join(here, "spawned"), "a") as f:
         f.write(str(p.pid) + " ")
+    time.sleep(b.get("delay", 0))  # a runc still at work when its caller goes away
+    for path in (opt("--pid-file"), *([init_file] if verb != "exec" else [])):
+        if path != init_file and b.get("no_pid"):
+            continue
+        with open(path, "w") as f:
+            f.write("not-a-pid" if b.get("bad_pid") and path != init_file else str(p.pid))
+elif verb == "ps":
+    print(b.get("stdout", "[]"))
 elif verb == "checkpoint":
     os.makedirs(opt("--image-path"), exist_ok=True)
     if "--leave-running" not in rest:
