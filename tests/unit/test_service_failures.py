@@ -14,9 +14,11 @@ from google.protobuf import any_pb2
 
 from shim import cgroups
 from shim.api.containerd.task.v2 import shim_pb2 as api
+from shim.api.containerd.types import task_pb2 as types
 from shim.ttrpc import Code
 from tests.unit.test_checkpoint import (  # noqa: F401 - no_cgroups and subreaper: autouse fixtures
     CID,
+    GLOBAL_FLAGS,
     Fake,
     Stack,
     code_of,
@@ -66,6 +68,9 @@ def test_a_bad_pid_file_is_the_runtimes_failure_never_the_callers(tmp_path: Path
         code, message = await code_of(s.acall("Start", api.StartRequest(id=CID, exec_id=EXEC)))
         assert (code, message) == (Code.UNKNOWN, f"OCI runtime exec failed: bad pid file {s.bundle}/{EXEC}.pid: "
                                                  "invalid literal for int() with base 10: 'not-a-pid'")
+        assert s.service.containers[CID].execs[EXEC].io is None, "its I/O is closed"
+        assert (await s.acall("State", api.StateRequest(id=CID, exec_id=EXEC))).pid == 0
+        await s.acall("Delete", api.DeleteRequest(id=CID, exec_id=EXEC))
         # Its pid unknown, the exec'd process cannot be told from the container's others: ours to end.
         exec_pid = fake.spawned()[-1]
         os.kill(exec_pid, signal.SIGKILL)
@@ -129,5 +134,75 @@ def test_options_json_that_cannot_be_written_is_internal(tmp_path: Path, fake: F
         assert (code, message) == (
             Code.INTERNAL, f"cannot save runtime options to {s.bundle}/options.json: Is a directory")
         assert fake.calls() == [] and CID not in s.service.containers
+
+    run(tmp_path, fake, test)
+
+
+def test_an_exec_whose_caller_goes_away_during_runc_exec_is_killed(tmp_path: Path, fake: Fake) -> None:
+    """The Start call is cancelled while runc exec runs: the exec'd process (nobody will be told of it)
+    is killed once runc returns, its exit collected, and the exec is left as never started."""
+    async def test(s: Stack) -> None:
+        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle)))
+        await s.acall("Start", api.StartRequest(id=CID))
+        await add_exec(s)
+        waiting = asyncio.ensure_future(s.acall("Wait", api.WaitRequest(id=CID, exec_id=EXEC)))
+        fake.behave(exec={"delay": 0.5})
+        starting = asyncio.ensure_future(s.acall("Start", api.StartRequest(id=CID, exec_id=EXEC)))
+        while len(fake.spawned()) < 2:  # runc exec has made the process, and is still at work
+            await asyncio.sleep(0.01)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await until_gone([fake.spawned()[-1]])
+        state = await s.acall("State", api.StateRequest(id=CID, exec_id=EXEC))
+        assert (state.status, state.pid) == (types.CREATED, 0)
+        assert s.service.containers[CID].execs[EXEC].io is None, "its I/O is closed"
+        await s.acall("Delete", api.DeleteRequest(id=CID, exec_id=EXEC))
+        assert await code_of(waiting) == (Code.NOT_FOUND, f"process {EXEC} was deleted before it started")
+        assert s.topics() == ["TaskCreate", "TaskStart", "TaskExecAdded"]
+        await kill_and_delete(s)
+
+    run(tmp_path, fake, test)
+
+
+def test_a_restore_whose_caller_goes_away_during_runc_restore_is_undone(tmp_path: Path, fake: Fake) -> None:
+    async def test(s: Stack) -> None:
+        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle), checkpoint="/img"))
+        fake.behave(restore={"delay": 0.5})
+        starting = asyncio.ensure_future(s.acall("Start", api.StartRequest(id=CID)))
+        while not fake.spawned():
+            await asyncio.sleep(0.01)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await until_gone(fake.spawned())  # killed, and collected by the reaper
+        init = s.service.containers[CID].init
+        for _ in range(100):  # a Start or Delete is refused until the cleanup is done
+            if init.not_starting.is_set():
+                break
+            await asyncio.sleep(0.02)
+        assert [argv[GLOBAL_FLAGS:] for argv in fake.calls()][-1] == ["delete", "--force", CID], "removed from runc"
+        state = await s.acall("State", api.StateRequest(id=CID))
+        assert (state.status, state.pid) == (types.CREATED, 0)
+        assert s.topics() == ["TaskCreate"]
+        fake.behave(delete={"error": f"container {CID} does not exist"})
+        await s.acall("Delete", api.DeleteRequest(id=CID))
+        assert s.topics() == ["TaskCreate", "TaskDelete"]
+
+    run(tmp_path, fake, test)
+
+
+def test_a_restore_failing_after_runc_restored_deletes_it_from_runc(tmp_path: Path, fake: Fake) -> None:
+    async def test(s: Stack) -> None:
+        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle), checkpoint="/img"))
+        fake.behave(restore={"bad_pid": True})
+        code, _ = await code_of(s.acall("Start", api.StartRequest(id=CID)))
+        assert code == Code.UNKNOWN
+        assert [argv[GLOBAL_FLAGS:] for argv in fake.calls()] == [
+            ["restore", "--image-path", "/img", "--detach", "--pid-file", f"{s.bundle}/init.pid", "--no-subreaper",
+             "--bundle", str(s.bundle), CID],
+            ["delete", "--force", CID]]
+        await until_gone(fake.spawned())
+        assert (await s.acall("State", api.StateRequest(id=CID))).status == types.CREATED
 
     run(tmp_path, fake, test)
