@@ -180,6 +180,41 @@ def test_exit_waits_while_the_client_reads_the_fifo(tmp_path, monkeypatch):
     run(main)
 
 
+def test_the_wait_for_a_slow_reader_ends_with_the_callers_timeout(tmp_path):
+    """A reader making steady progress is waited for, but only within drain's timeout: an exec's exit
+    held longer could come after its init's, which waits for the execs only so long."""
+    (stdout,) = fifos(tmp_path, "out")
+
+    async def main(reaper: Reaper) -> None:
+        reader = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
+        pio = await open_io(reaper, Stdio("", stdout, ""))
+        _, p_out, _ = await process_fds(pio, 1)
+        await pio.start()
+        os.write(p_out, b"z" * 500000)
+        os.close(p_out)
+        stop = threading.Event()
+
+        def slow_read() -> None:  # about 100 kB/s: five seconds for all of it
+            while not stop.is_set():
+                with contextlib.suppress(BlockingIOError):
+                    os.read(reader, 1000)
+                stop.wait(0.01)
+
+        slow = threading.Thread(target=slow_read, daemon=True)
+        slow.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await pio.drain(0.5)
+        elapsed = loop.time() - t0
+        stop.set()
+        slow.join(5)
+        assert 0.4 < elapsed < 1.2, f"drained for {elapsed:.2f}s"
+        pio.close()
+        os.close(reader)
+
+    run(main)
+
+
 def test_file_uri_appends_both_streams(tmp_path):
     log = tmp_path / "new" / "dir" / "c.log"
 
