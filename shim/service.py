@@ -120,9 +120,11 @@ class TaskService:
     async def Create(self, ctx: ServerContext, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
         if req.id in self.containers or req.id in self._creating:
             raise TTRPCError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
-        options = from_any(req.options) if req.HasField("options") else self.default_options
         self._creating.add(req.id)
         try:
+            # In a thread: runtimeoptions name a config file, read with blocking I/O.
+            options = await asyncio.to_thread(from_any, req.options) if req.HasField("options") \
+                else self.default_options
             c = await Container.create(req, self.namespace, self.reaper, options, self._exited)
         finally:
             self._creating.discard(req.id)

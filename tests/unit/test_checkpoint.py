@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from typing import Any
 import pytest
 from google.protobuf import any_pb2
 
-from shim import cgroups
+from shim import cgroups, options
 from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.runc.v1 import options_pb2
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
+from shim.api.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from shim.options import RuncOptions
 from shim.process import Stdio
 from shim.reaper import Reaper, set_child_subreaper
@@ -532,3 +534,31 @@ def p_gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_runtime_config_file_is_read_off_the_event_loop(tmp_path: Path, fake: Fake,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtimeoptions name a TOML file (config_path): read with blocking I/O, so not on the loop."""
+    config = tmp_path / "pyrunc.toml"
+    config.write_text(f'binary_name = "{fake.binary}"\nroot = "{tmp_path / "root"}"\nno_new_keyring = true\n')
+    readers: list[threading.Thread] = []
+    read = options.from_config_file
+
+    def recording(path: str) -> RuncOptions:
+        readers.append(threading.current_thread())
+        return read(path)
+
+    monkeypatch.setattr(options, "from_config_file", recording)
+
+    async def test(s: Stack) -> None:
+        opts = pack(runtimeoptions_pb2.Options(config_path=str(config)))
+        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle), options=opts))
+        (create,) = s.fake.calls()
+        assert "--no-new-keyring" in create, "the file's options were used"
+        assert readers and threading.main_thread() not in readers
+        await s.acall("Kill", api.KillRequest(id=CID, signal=signal.SIGKILL))
+        await s.acall("Wait", api.WaitRequest(id=CID))
+        await s.acall("Delete", api.DeleteRequest(id=CID))
+        s.fake.calls()
+
+    run(tmp_path, fake, test)
