@@ -59,9 +59,18 @@ def _background(coro) -> None:
     task.add_done_callback(_BACKGROUND.discard)
 
 
-def _read_pid(path: str) -> int:
-    with open(path) as f:
-        return int(f.read().strip())
+def _read_pid(path: str, verb: str) -> int:
+    """The pid runc wrote to the pid file the shim named. A missing or garbled one is the runtime's
+    failure, never the caller's (a missing init.pid is no NotFound): Unknown, worded as Go's."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        if pid <= 0:  # 0 or -1 would make a kill signal our own group or everything
+            raise ValueError(f"{pid} is not a process id")
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise TTRPCError(Code.UNKNOWN, f"OCI runtime {verb} failed: bad pid file {path}: {reason}") from e
+    return pid
 
 
 class Container:
@@ -116,10 +125,7 @@ class Container:
                 raise runtime_error("create", e) from e
             created = True
             await pio.start()  # with a terminal: receives the pty master runc sent
-            try:
-                init.pid = _read_pid(pid_file)
-            except (OSError, ValueError) as e:
-                raise TTRPCError(Code.UNKNOWN, f"OCI runtime create failed: bad pid file {pid_file}: {e}") from e
+            init.pid = _read_pid(pid_file, "create")
         except BaseException:
             if init.io is not None:
                 init.io.close()
@@ -190,24 +196,73 @@ class Container:
         p.check("start")
         if not p.not_starting.is_set():  # a Start (or checkpoint) in flight: a second one would race it
             raise TTRPCError(Code.FAILED_PRECONDITION, f"process {p.id} is being started")
+        if not p.is_init and self.init.exited:
+            raise TTRPCError(Code.FAILED_PRECONDITION, "container's init process has exited")
         p.not_starting.clear()
-        restoring = p.is_init and self.restore_from is not None
-        try:
-            if restoring:
-                await self._restore(p)
-            elif p.is_init:
-                try:
-                    await self.runc.start(self.id)
-                except (RuncError, OSError) as e:
+        if p.is_init and self.restore_from is None:  # a created init: monitored since Create
+            try:
+                await self.runc.start(self.id)
+            except BaseException as e:
+                p.not_starting.set()
+                if isinstance(e, RuncError | OSError):
                     raise runtime_error("start", e) from e
-            else:
-                await self._exec(p)
+                raise
             p.transition("start")
-        except BaseException:
-            p.not_starting.set()
+            return
+        await self._launch(p)
+
+    async def _launch(self, p: Process) -> None:
+        """Exec or restore ``p``. Once runc ran, a process exists that only we know of: the work goes on
+        in a task of its own even if our caller goes away, and a failure undoes it (kills the process).
+        A caller gone by the end is treated as a failure too: nobody would ever be told of the process.
+        Until it is all settled the process counts as being started (a Start or Delete meanwhile is
+        refused, an init's exit waits for an exec)."""
+        if not p.is_init:
+            self._starting_execs += 1
+            try:  # nothing runs yet: a caller going away here just stops it (open cleans up after itself)
+                p.io = await ProcessIO.open(p.stdio, reaper=self.reaper, namespace=self.namespace,
+                                            process_id=p.id, is_init=False, io_uid=self.options.io_uid,
+                                            io_gid=self.options.io_gid)
+            except BaseException:
+                self._launch_ended(p)
+                raise
+        launch = asyncio.get_running_loop().create_task(self._restore(p) if p.is_init else self._exec(p))
+        try:
+            await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            _background(self._abandon(p, launch))
             raise
-        if restoring or not p.is_init:  # a created init is monitored since Create
-            self.monitor(p)
+        except BaseException:
+            self._launch_ended(p)
+            raise
+        # Started: from here to the monitor there is no await, so no caller can go away in between.
+        self._launch_ended(p, started=True)
+        if p.is_init:
+            self.restore_from = None
+        p.transition("start")
+        self.monitor(p)
+
+    def _launch_ended(self, p: Process, started: bool = False) -> None:
+        if not p.is_init:
+            self._starting_execs -= 1
+        if not started:
+            p.not_starting.set()
+
+    async def _abandon(self, p: Process, launch: asyncio.Task[None]) -> None:
+        """The Start that launched ``p`` went away: let the launch finish, then undo what it started."""
+        try:
+            await launch
+        except (Exception, asyncio.CancelledError):
+            pass  # it failed, and undid itself
+        else:
+            log.warning("container %s: %s %s started after its caller went away: killing it", self.id,
+                        "init" if p.is_init else "exec", p.id)
+            if p.is_init:
+                await self._undo_restore(p)
+            else:
+                self._undo_exec(p, ran=True)
+        finally:
+            self._launch_ended(p)
 
     async def _restore(self, p: Process) -> None:
         """``runc restore --detach`` with the process's stdio; criu's restored init becomes our child
@@ -217,51 +272,66 @@ class Container:
         try:
             await self.runc.restore(self.id, self.bundle, self.restore_from, pid_file=pid_file,
                                     no_pivot=self.options.no_pivot_root, **p.io.runc_io())
-            p.pid = _read_pid(pid_file)
         except (RuncError, OSError) as e:
             raise runtime_error("restore", e) from e
         try:
+            p.pid = _read_pid(pid_file, "restore")
             await p.io.start()  # with a terminal: receives the pty master runc sent
         except BaseException:
-            # Restored but without its terminal: no use to anyone, and not started for containerd.
-            with contextlib.suppress(OSError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.pid = 0
+            await self._undo_restore(p)
             raise
-        self.restore_from = None
+
+    async def _undo_restore(self, p: Process) -> None:
+        """A restore that failed (or lost its caller) after runc restored the container: kill it and
+        remove it from runc, so the container is as before Start: created, to restore again or delete."""
+        pid, p.pid = p.pid, 0
+        if pid:
+            self._kill_unreported(pid)
+        try:
+            await self.runc.delete(self.id, force=True)  # also kills it when its pid is unknown
+        except (RuncError, OSError) as e:
+            log.warning("container %s: cleanup after a failed restore: %s", self.id, e)
 
     async def _exec(self, p: Process) -> None:
-        if self.init.exited:
-            raise TTRPCError(Code.FAILED_PRECONDITION, "container's init process has exited")
-        self._starting_execs += 1
+        """``runc exec --detach`` with the process's stdio; a failure closes that, and from runc's success
+        on kills the process again (see :meth:`_undo_exec`)."""
+        pio = p.io
+        assert isinstance(pio, ProcessIO)
+        pid_file = os.path.join(self.bundle, f"{p.id}.pid")
+        ran = False
         try:
-            p.io = pio = await ProcessIO.open(p.stdio, reaper=self.reaper, namespace=self.namespace,
-                                              process_id=p.id, is_init=False, io_uid=self.options.io_uid,
-                                              io_gid=self.options.io_gid)
-            pid_file = os.path.join(self.bundle, f"{p.id}.pid")
             try:
                 await self.runc.exec(self.id, p.spec, pid_file=pid_file, detach=True, **pio.runc_io())
-                p.pid = _read_pid(pid_file)
             except (RuncError, OSError) as e:
-                pio.close()
-                p.io = None
                 raise runtime_error("exec", e) from e
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(pid_file)
-            try:
-                await pio.start()  # with a terminal: receives the pty master runc sent
-            except BaseException:
-                # A process left without its terminal is of no use to anyone, and not started for
-                # containerd: kill it rather than leave it running unmonitored.
-                with contextlib.suppress(OSError):
-                    os.kill(p.pid, signal.SIGKILL)
-                p.pid = 0
-                pio.close()
-                p.io = None
-                raise
+            ran = True
+            p.pid = _read_pid(pid_file, "exec")
+            await pio.start()  # with a terminal: receives the pty master runc sent
+        except BaseException:
+            self._undo_exec(p, ran)
+            raise
         finally:
-            self._starting_execs -= 1
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
+
+    def _undo_exec(self, p: Process, ran: bool) -> None:
+        """An exec that failed (or lost its caller): kill its process if runc made one, close its I/O,
+        and leave the exec as never started (pid 0), so Delete works and a Wait ends with it."""
+        pid, p.pid = p.pid, 0
+        if pid:
+            self._kill_unreported(pid)
+        elif ran:  # runc gives no way to signal an exec'd process but by its pid
+            log.error("container %s: exec %s may be left running: runc's pid file gave no pid", self.id, p.id)
+        if p.io is not None:
+            p.io.close()
+            p.io = None
+
+    def _kill_unreported(self, pid: int) -> None:
+        """SIGKILL a process whose start failed, and claim its exit from the reaper (no monitor will)."""
+        exited = self.reaper.wait_for(pid)
+        if not exited.done():  # not reaped yet, so the pid is still that process's own
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def monitor(self, p: Process) -> None:
         task = asyncio.get_running_loop().create_task(self._monitor(p))
@@ -419,6 +489,8 @@ class Container:
             return await self.runc.ps(self.id)
         except RuncError as e:
             raise runtime_error("ps", e) from e
+        except (ValueError, TypeError) as e:  # runc said it succeeded: its output is what is wrong
+            raise TTRPCError(Code.INTERNAL, f"runc ps printed no JSON list of pids: {e}") from e
 
 
 def _shares_pid_namespace(bundle: str) -> bool:

@@ -42,8 +42,13 @@ class RuncOptions:
         return os.path.join(self.root or DEFAULT_RUNC_ROOT, namespace)
 
     def save(self, bundle: str) -> None:
-        with open(os.path.join(bundle, "options.json"), "w") as f:
-            json.dump(asdict(self), f)
+        """options.json, the shim's own file: failing to write it is Internal, whatever the errno."""
+        path = os.path.join(bundle, "options.json")
+        try:
+            with open(path, "w") as f:
+                json.dump(asdict(self), f)
+        except OSError as e:
+            raise TTRPCError(Code.INTERNAL, f"cannot save runtime options to {path}: {e.strerror or e}") from e
 
 
 _FIELDS = {f.name: f.type for f in fields(RuncOptions)}

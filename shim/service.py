@@ -75,7 +75,10 @@ _REQUEST_TYPES = {m.name: getattr(api, m.input_type.name) for m in api.DESCRIPTO
 
 
 def _os_errors(handler):
-    """An OSError that escapes a handler (a bad stdio path, say) becomes a clear error with a fitting code."""
+    """An OSError that escapes a handler (a bad stdio path, say) becomes a clear error with a fitting code.
+
+    Only paths the caller gave get here: failures with the shim's own files (pid files, options.json)
+    are TTRPCErrors where they happen, so a missing one of those never reads as the caller's NotFound."""
     @functools.wraps(handler)
     async def wrapped(ctx: ServerContext, req):
         try:
@@ -117,9 +120,11 @@ class TaskService:
     async def Create(self, ctx: ServerContext, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
         if req.id in self.containers or req.id in self._creating:
             raise TTRPCError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
-        options = from_any(req.options) if req.HasField("options") else self.default_options
         self._creating.add(req.id)
         try:
+            # In a thread: runtimeoptions name a config file, read with blocking I/O.
+            options = await asyncio.to_thread(from_any, req.options) if req.HasField("options") \
+                else self.default_options
             c = await Container.create(req, self.namespace, self.reaper, options, self._exited)
         finally:
             self._creating.discard(req.id)
@@ -289,3 +294,5 @@ class TaskService:
             return api.StatsResponse(stats=cgroups.stats(cg))
         except cgroups.CgroupError as e:
             raise TTRPCError(Code.NOT_FOUND, str(e)) from e
+        except ValueError as e:  # the kernel's file, not the request, is what did not parse
+            raise TTRPCError(Code.INTERNAL, f"cannot parse the cgroup's statistics: {e}") from e

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -36,18 +37,52 @@ class OpenError(Exception):
 
 def open_output(path: str, keep: dict[str, int]) -> int:
     """A write end on ``path``: a FIFO (its keeper read end stored once in ``keep``), else an existing
-    file opened for appending, as Go's copyPipes does for a non-FIFO path."""
+    file opened for appending, as Go's copyPipes does for a non-FIFO path.
+
+    Every open is non-blocking and what was opened is asked what it is (a path checked first and
+    opened after could meanwhile have become a FIFO nobody reads, whose open would block the loop).
+    The end returned is blocking again: it is the process's stdout or our relay's to set up.
+    """
+    mine: list[int] = []  # opened here: closed again unless returned or kept
+
+    def nonblocking(flags: int) -> int:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        mine.append(fd)
+        return fd
+
     try:
-        if not stat.S_ISFIFO(os.stat(path).st_mode):
-            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        keeper = keep.get(path)
+        try:
+            fd = nonblocking(os.O_WRONLY)
+        except OSError as e:
+            if e.errno != errno.ENXIO or keeper is not None:
+                raise
+            # A FIFO nobody reads yet: with our keeper read end open, its write end opens at once.
+            keeper = nonblocking(os.O_RDONLY)
+            fd = nonblocking(os.O_WRONLY)
+        st = os.fstat(fd)
+        if not stat.S_ISFIFO(st.st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)  # and no O_NONBLOCK
+            mine.remove(fd)
+            return fd
+        if keeper is None:
+            keeper = nonblocking(os.O_RDONLY)
+        kept = os.fstat(keeper)
+        if (kept.st_dev, kept.st_ino) != (st.st_dev, st.st_ino):
+            raise OSError(errno.EAGAIN, "replaced by another file while being opened", path)
+        os.set_blocking(fd, True)
         if path not in keep:
-            keep[path] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             with contextlib.suppress(OSError):  # only fewer wake-ups for both ends; the default works
-                fcntl.fcntl(keep[path], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        # A reader (ours) exists now, so this open returns at once.
-        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                fcntl.fcntl(keeper, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            keep[path] = keeper
+        mine = [x for x in mine if x not in (fd, keeper)]
+        return fd
     except OSError as e:
         raise OpenError("open", e) from e
+    finally:
+        for x in mine:
+            with contextlib.suppress(OSError):
+                os.close(x)
 
 
 def open_stdin(path: str) -> int:

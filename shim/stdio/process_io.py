@@ -222,14 +222,23 @@ class ProcessIO:
         Last, while the client is reading our FIFOs, we wait until it has read them empty: a client
         may stop reading as soon as it learns of the exit (containerd 1.6's Task.Delete closes its
         FIFOs before waiting for its copy), and what was still in a FIFO would be lost.
+
+        ``timeout`` bounds all of it: the exit is reported after it whatever the client does (an exec's
+        exit must still come before its init's, which waits for it only so long).
         """
         self._exited = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def remaining() -> float:
+            return max(0.0, deadline - loop.time())
+
         if self._stderr is not None:
-            await self._stderr.drain(timeout)
+            await self._stderr.drain(remaining())
         if self._output is not None:
-            await self._output.drain(timeout, settle=TTY_SETTLE)
+            await self._output.drain(remaining(), settle=TTY_SETTLE)
             self._output.close()
-        await fifo.read_by_client(list(self._keep.values()), stall=FIFO_STALL, cap=FIFO_CAP)
+        await fifo.read_by_client(list(self._keep.values()), stall=FIFO_STALL, cap=min(FIFO_CAP, remaining()))
 
     def close_stdin(self) -> None:
         """End the process's input once the stdin FIFO's current content is relayed (CloseIO).

@@ -7,6 +7,10 @@ a pipe on either side — and falls back for good to read/write with one buffer 
 bounded whatever the producer does: when ``dst`` is full the relay stops reading ``src`` until
 ``dst`` drains, so the producer blocks in the kernel, as it would writing to a pipe nobody reads.
 
+A regular file as ``dst`` (a ``file://`` log, or a path that is no FIFO) cannot be waited for:
+O_NONBLOCK means nothing to it and a write may block on the disk. Its writes go to a thread, one
+chunk at a time: ``src`` is not read meanwhile, so order and the one-chunk bound hold as above.
+
 It ends at EOF of ``src`` (a pty master's EIO is its EOF: the last slave fd was closed), when ``dst``
 fails (its reader went away), on :meth:`close`, or — after :meth:`end_when_empty` — as soon as
 ``src`` has nothing more to give, which is how a FIFO opened O_RDWR (never at EOF) is ended.
@@ -21,15 +25,18 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import termios
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("pyrunc.stdio")
 
 CHUNK = 1 << 16  # read/write buffer; also what one splice asks for (the pipes' capacity bounds it anyway)
 BUDGET = 1 << 22  # bytes moved per loop callback before others get their turn
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+FILE_WRITERS = 4  # threads writing regular files for every relay: a stalled disk holds them, not the loop
 
 
 class _Step(enum.Enum):
@@ -37,6 +44,31 @@ class _Step(enum.Enum):
     EOF = 2  # src ended (or dst failed): the relay is done
     SRC_EMPTY = 3
     DST_FULL = 4
+    WRITING = 5  # a thread is writing the buffer to the regular file dst
+
+
+_file_writer: ThreadPoolExecutor | None = None
+
+
+def _file_writes() -> ThreadPoolExecutor:
+    global _file_writer
+    if _file_writer is None:  # made on first use: no threads in a process that never writes a file
+        _file_writer = ThreadPoolExecutor(FILE_WRITERS, thread_name_prefix="pyrunc-file-write")
+    return _file_writer
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _is_file(fd: int) -> bool:
+    """Writes to it may block whatever its flags say (a regular file or a block device)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
 
 
 def pending_bytes(fd: int) -> int:
@@ -75,6 +107,8 @@ class Relay:
         self._buf: memoryview | None = None  # read from src, not yet written to dst (read/write mode)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = self._writing = False
+        self._to_file = False  # dst is a regular file: written by a thread (see the module docstring)
+        self._file_write: asyncio.Future[None] | None = None  # that thread's write in flight
         self._ending = False
         self._drained: asyncio.Future[None] | None = None
         self._settle = 0.0
@@ -91,7 +125,11 @@ class Relay:
             return
         self._loop = asyncio.get_running_loop()
         os.set_blocking(self.src, False)
-        os.set_blocking(self.dst, False)
+        self._to_file = _is_file(self.dst)
+        if self._to_file:
+            self._splice = False  # a splice into a file blocks on the disk just the same
+        else:
+            os.set_blocking(self.dst, False)
         self._pump()
 
     def end_when_empty(self) -> None:
@@ -140,6 +178,9 @@ class Relay:
                 self._end()
             elif step is _Step.DST_FULL:
                 self._wait(for_dst=True)
+            elif step is _Step.WRITING:  # _written pumps again; a drain waits for this write too
+                self._cancel_settle()
+                self._unwatch()
             else:  # SRC_EMPTY
                 if self._ending:
                     self._end()
@@ -179,6 +220,8 @@ class Relay:
 
     def _write(self) -> _Step:
         assert self._buf is not None
+        if self._to_file:
+            return self._write_in_thread()
         try:
             n = os.write(self.dst, self._buf)
         except BlockingIOError:
@@ -189,6 +232,30 @@ class Relay:
         self._buf = self._buf[n:] if n < len(self._buf) else None
         return _Step.MOVED
 
+    def _write_in_thread(self) -> _Step:
+        assert self._loop is not None and self._buf is not None
+        if self._file_write is None:
+            self._file_write = self._loop.run_in_executor(_file_writes(), _write_all, self.dst, self._buf)
+            self._file_write.add_done_callback(self._written)
+        return _Step.WRITING
+
+    def _written(self, write: asyncio.Future[None]) -> None:
+        self._file_write = None
+        error = None if write.cancelled() else write.exception()
+        if self.closed:
+            if self._close_dst:  # close() left dst open for the thread still writing to it
+                with contextlib.suppress(OSError):
+                    os.close(self.dst)
+            return
+        if error is not None:
+            self._failed("write", error if isinstance(error, OSError) else OSError(str(error)))
+            self._end()
+            return
+        assert self._buf is not None
+        self.moved += len(self._buf)
+        self._buf = None
+        self._pump()
+
     def _failed(self, op: str, e: OSError) -> _Step:
         # EIO: a pty whose slave side is all closed (src), or hung up (dst). EPIPE: dst's reader is
         # gone (a logger that died). Both are ordinary ends; anything else is worth a warning.
@@ -197,6 +264,15 @@ class Relay:
         else:
             log.warning("%s: %s: %s", self.name, op, e)
         return _Step.EOF
+
+    def _unwatch(self) -> None:
+        assert self._loop is not None
+        if self._reading:
+            self._loop.remove_reader(self.src)
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self.dst)
+            self._writing = False
 
     def _wait(self, *, for_dst: bool) -> None:
         assert self._loop is not None
@@ -250,15 +326,12 @@ class Relay:
         log.debug("%s: closed after %d bytes", self.name, self.moved)
         self._cancel_settle()
         if self._loop is not None:
-            if self._reading:
-                self._loop.remove_reader(self.src)
-            if self._writing:
-                self._loop.remove_writer(self.dst)
-        self._reading = self._writing = False
+            self._unwatch()
         self._buf = None
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        for fd, owned in ((self.src, self._close_src), (self.dst, self._close_dst)):
+        # dst waits for a thread still writing to it: the fd's number must not be reused under that write
+        for fd, owned in ((self.src, self._close_src), (self.dst, self._close_dst and self._file_write is None)):
             if owned:
                 with contextlib.suppress(OSError):
                     os.close(fd)

@@ -1,10 +1,11 @@
 """Checkpoint and restore through the Task service and Container, end to end against a fake runc.
 
-The fake runc records its argv and plays runc's part: ``create``/``restore`` start a real process (the
-"container's init", a shell that writes one line and sleeps) whose pid goes to the pid file and which
-becomes our child when the fake exits (we are the subreaper); ``checkpoint`` writes criu's dump.log
-into the work dir and, without --leave-running, kills the init as runc does after a dump; ``kill``
-signals the init; each verb can be told to fail with a runc log error.
+The fake runc records its argv and plays runc's part: ``create``/``restore``/``exec`` start a real process
+(the "container's init" or the exec'd one, a shell that writes one line and sleeps) whose pid goes to the
+pid file and which becomes our child when the fake exits (we are the subreaper); ``checkpoint`` writes
+criu's dump.log into the work dir and, without --leave-running, kills the init as runc does after a
+dump; ``kill`` signals the init; ``ps`` prints what it is told to; each verb can be told to fail with a
+runc log error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,12 @@ from typing import Any
 import pytest
 from google.protobuf import any_pb2
 
-from shim import cgroups
+from shim import cgroups, options
 from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.runc.v1 import options_pb2
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
+from shim.api.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from shim.options import RuncOptions
 from shim.process import Stdio
 from shim.reaper import Reaper, set_child_subreaper
@@ -62,13 +65,18 @@ if b.get("error"):
     with open(opt_log := args[args.index("--log") + 1], "a") as f:
         f.write(json.dumps({{"level": "error", "msg": b["error"]}}) + "\\n")
     sys.exit(1)
-if verb in ("create", "restore"):
+if verb in ("create", "restore", "exec"):
     p = subprocess.Popen(["sh", "-c", "echo " + verb + "d; exec sleep 1000"], start_new_session=True)
-    for path in (opt("--pid-file"), init_file):
-        with open(path, "w") as f:
-            f.write("not-a-pid" if b.get("bad_pid") and path != init_file else str(p.pid))
     with open(os.path.join(here, "spawned"), "a") as f:
         f.write(str(p.pid) + " ")
+    time.sleep(b.get("delay", 0))  # a runc still at work when its caller goes away
+    for path in (opt("--pid-file"), *([init_file] if verb != "exec" else [])):
+        if path != init_file and b.get("no_pid"):
+            continue
+        with open(path, "w") as f:
+            f.write("not-a-pid" if b.get("bad_pid") and path != init_file else str(p.pid))
+elif verb == "ps":
+    print(b.get("stdout", "[]"))
 elif verb == "checkpoint":
     os.makedirs(opt("--image-path"), exist_ok=True)
     if "--leave-running" not in rest:
@@ -526,3 +534,31 @@ def p_gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_runtime_config_file_is_read_off_the_event_loop(tmp_path: Path, fake: Fake,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtimeoptions name a TOML file (config_path): read with blocking I/O, so not on the loop."""
+    config = tmp_path / "pyrunc.toml"
+    config.write_text(f'binary_name = "{fake.binary}"\nroot = "{tmp_path / "root"}"\nno_new_keyring = true\n')
+    readers: list[threading.Thread] = []
+    read = options.from_config_file
+
+    def recording(path: str) -> RuncOptions:
+        readers.append(threading.current_thread())
+        return read(path)
+
+    monkeypatch.setattr(options, "from_config_file", recording)
+
+    async def test(s: Stack) -> None:
+        opts = pack(runtimeoptions_pb2.Options(config_path=str(config)))
+        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle), options=opts))
+        (create,) = s.fake.calls()
+        assert "--no-new-keyring" in create, "the file's options were used"
+        assert readers and threading.main_thread() not in readers
+        await s.acall("Kill", api.KillRequest(id=CID, signal=signal.SIGKILL))
+        await s.acall("Wait", api.WaitRequest(id=CID))
+        await s.acall("Delete", api.DeleteRequest(id=CID))
+        s.fake.calls()
+
+    run(tmp_path, fake, test)

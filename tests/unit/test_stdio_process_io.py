@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import socket
+import stat
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -180,6 +182,41 @@ def test_exit_waits_while_the_client_reads_the_fifo(tmp_path, monkeypatch):
     run(main)
 
 
+def test_the_wait_for_a_slow_reader_ends_with_the_callers_timeout(tmp_path):
+    """A reader making steady progress is waited for, but only within drain's timeout: an exec's exit
+    held longer could come after its init's, which waits for the execs only so long."""
+    (stdout,) = fifos(tmp_path, "out")
+
+    async def main(reaper: Reaper) -> None:
+        reader = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
+        pio = await open_io(reaper, Stdio("", stdout, ""))
+        _, p_out, _ = await process_fds(pio, 1)
+        await pio.start()
+        os.write(p_out, b"z" * 500000)
+        os.close(p_out)
+        stop = threading.Event()
+
+        def slow_read() -> None:  # about 100 kB/s: five seconds for all of it
+            while not stop.is_set():
+                with contextlib.suppress(BlockingIOError):
+                    os.read(reader, 1000)
+                stop.wait(0.01)
+
+        slow = threading.Thread(target=slow_read, daemon=True)
+        slow.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await pio.drain(0.5)
+        elapsed = loop.time() - t0
+        stop.set()
+        slow.join(5)
+        assert 0.4 < elapsed < 1.2, f"drained for {elapsed:.2f}s"
+        pio.close()
+        os.close(reader)
+
+    run(main)
+
+
 def test_file_uri_appends_both_streams(tmp_path):
     log = tmp_path / "new" / "dir" / "c.log"
 
@@ -332,6 +369,56 @@ def test_no_console_from_runc_is_an_error_and_cleans_up(monkeypatch):
         pio2.close()
 
     run(main)
+
+
+def test_open_output_does_not_block_on_a_path_that_became_a_fifo_nobody_reads(tmp_path, monkeypatch):
+    """A file when first looked at, a FIFO without a reader right after: whatever the shim does
+    first with the path, opening it must not block (it runs on the event loop)."""
+    path = tmp_path / "out"
+    path.write_bytes(b"")
+    swapped: list[bool] = []
+
+    def swapping(real):
+        def call(p, *args, **kwargs):
+            result = real(p, *args, **kwargs)
+            if os.fspath(p) == str(path) and not swapped:
+                swapped.append(True)
+                os.unlink(path)
+                os.mkfifo(path)
+            return result
+        return call
+
+    monkeypatch.setattr(fifo.os, "stat", swapping(os.stat))
+    monkeypatch.setattr(fifo.os, "open", swapping(os.open))
+    keep: dict[str, int] = {}
+    opened: list[int] = []
+    opener = threading.Thread(target=lambda: opened.append(fifo.open_output(str(path), keep)), daemon=True)
+    opener.start()
+    opener.join(2)
+    monkeypatch.undo()
+    if opener.is_alive():  # a reader lets the blocked open go, so that the test can end
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        opener.join(2)
+        os.close(reader)
+        os.close(opened[0])
+        pytest.fail("open_output blocked on a FIFO nobody reads")
+    (fd,) = opened
+    assert swapped and stat.S_ISREG(os.fstat(fd).st_mode), "what was opened is what is written to"
+    assert os.get_blocking(fd) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+    assert keep == {}
+    os.close(fd)
+
+
+def test_open_output_keeps_a_reader_on_a_fifo_nobody_reads_yet(tmp_path):
+    (path,) = fifos(tmp_path, "out")
+    keep: dict[str, int] = {}
+    fd = fifo.open_output(path, keep)
+    again = fifo.open_output(path, keep)
+    assert list(keep) == [path] and os.get_blocking(fd) and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+    os.write(again, b"kept")
+    assert os.read(keep[path], 100) == b"kept"
+    for x in (fd, again, keep[path]):
+        os.close(x)
 
 
 def test_exit_is_not_held_by_a_writer_outpacing_the_reader(tmp_path):

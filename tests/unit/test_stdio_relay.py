@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -91,6 +92,85 @@ def test_append_file_cannot_be_spliced_so_it_is_copied(tmp_path):
 
     run(main)
     assert path.read_bytes() == b"before\n" + b"after\n" * 1000
+
+
+def test_a_slow_file_is_written_off_the_loop_in_order_one_chunk_at_a_time(tmp_path, monkeypatch):
+    """A regular file's writes may block on the disk whatever O_NONBLOCK says: a thread does them, the
+    loop keeps turning, at most one chunk is held and src is read again only once it is written."""
+    path = tmp_path / "log"
+    data = os.urandom(16 * CHUNK)
+    real_write = os.write
+    writers: set[str] = set()
+    in_flight = [0, 0]  # now, at most
+
+    async def main():
+        src_r, src_w = os.pipe()
+        dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+        def slow_disk(fd, buf):
+            if fd != dst:
+                return real_write(fd, buf)
+            writers.add(threading.current_thread().name)
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+            time.sleep(0.05)
+            in_flight[0] -= 1
+            return real_write(fd, buf)
+
+        monkeypatch.setattr(relay_mod.os, "write", slow_disk)
+        r = Relay(src_r, dst, name="t")
+        r.start()
+        writer = writer_thread(src_w, data)
+        loop = asyncio.get_running_loop()
+        longest_turn = 0.0
+        while not r.closed:
+            t0 = loop.time()
+            await asyncio.sleep(0.005)
+            longest_turn = max(longest_turn, loop.time() - t0)
+            assert r._buf is None or len(r._buf) <= CHUNK
+        writer.join(5)
+        monkeypatch.undo()
+        assert longest_turn < 0.04, f"the loop was held {longest_turn:.3f}s"
+        with pytest.raises(OSError):
+            os.fstat(dst)  # closed once its last write returned
+
+    run(main)
+    assert path.read_bytes() == data
+    assert writers and threading.main_thread().name not in writers
+    assert in_flight[1] == 1
+
+
+def test_close_during_a_file_write_closes_the_file_after_it(tmp_path, monkeypatch):
+    path = tmp_path / "log"
+    started, release = threading.Event(), threading.Event()
+    real_write = os.write
+
+    async def main():
+        src_r, src_w = os.pipe()
+        dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+        def held_write(fd, buf):
+            if fd == dst:
+                started.set()
+                release.wait(5)
+            return real_write(fd, buf)
+
+        os.write(src_w, b"last words\n")
+        monkeypatch.setattr(relay_mod.os, "write", held_write)
+        r = Relay(src_r, dst, name="t")
+        r.start()
+        await asyncio.to_thread(started.wait, 5)
+        r.close()
+        os.fstat(dst)  # still open: the thread is writing to it
+        release.set()
+        await until(lambda: r._file_write is None)
+        monkeypatch.undo()
+        with pytest.raises(OSError):
+            os.fstat(dst)
+        os.close(src_w)
+
+    run(main)
+    assert path.read_bytes() == b"last words\n"
 
 
 @pytest.mark.parametrize("splice", [True, False])
