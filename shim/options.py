@@ -77,6 +77,12 @@ def from_any(msg: any_pb2.Any | None) -> RuncOptions:
     raise TTRPCError(Code.INVALID_ARGUMENT, f"unsupported runtime options type {kind!r}")
 
 
+def reads_a_file(msg: any_pb2.Any | None) -> bool:
+    """Whether :func:`from_any` would read a config file (runtimeoptions with a config_path): only then
+    is it worth a thread. The usual runc Options are parsed in microseconds."""
+    return msg is not None and _bare_type(msg.type_url) == RUNTIME_OPTIONS
+
+
 def from_bytes(data: bytes) -> RuncOptions:
     """Options from ``start``'s stdin: a marshalled Any, or nothing."""
     if not data:

@@ -21,7 +21,7 @@ from shim.api.containerd.runc.v1 import options_pb2
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
 from shim.container import Container, runtime_error
-from shim.options import RuncOptions, from_any
+from shim.options import RuncOptions, from_any, reads_a_file
 from shim.process import Process, State, Stdio
 from shim.reaper import Reaper
 from shim.runc import RuncError
@@ -122,9 +122,12 @@ class TaskService:
             raise TTRPCError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
         self._creating.add(req.id)
         try:
-            # In a thread: runtimeoptions name a config file, read with blocking I/O.
-            options = await asyncio.to_thread(from_any, req.options) if req.HasField("options") \
-                else self.default_options
+            options = self.default_options
+            if req.HasField("options"):
+                # A config file is read in a thread (blocking I/O); a thread costs the server memory,
+                # so not for the runc Options CRI and ctr send.
+                options = await asyncio.to_thread(from_any, req.options) if reads_a_file(req.options) \
+                    else from_any(req.options)
             c = await Container.create(req, self.namespace, self.reaper, options, self._exited)
         finally:
             self._creating.discard(req.id)

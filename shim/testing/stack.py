@@ -152,7 +152,10 @@ class PrivateContainerd:
         self._namespaces = {namespace}
 
     def start(self) -> PrivateContainerd:
-        """Start containerd (again, after :meth:`stop_daemon`: same root, state and sockets)."""
+        """Start containerd (again, after :meth:`stop_daemon`: same root, state and sockets). A containerd
+        already running is kept: starting a second one would leave the first nobody's to stop."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         if not self.bin.exists():
             self.bin.mkdir()
             ours = shim_binary()

@@ -7,7 +7,7 @@ from google.protobuf import any_pb2
 
 from shim.api.containerd.runc.v1 import options_pb2
 from shim.api.runtimeoptions.v1 import api_pb2
-from shim.options import RuncOptions, from_any, from_bytes
+from shim.options import RuncOptions, from_any, from_bytes, reads_a_file
 from shim.ttrpc import Code, TTRPCError
 
 
@@ -35,6 +35,12 @@ def test_runtimeoptions_config_file(tmp_path):
     opts = from_any(pack(api_pb2.Options(config_path=str(cfg))))
     assert (opts.binary_name, opts.no_new_keyring) == ("crun", True)
     assert opts.runc_root("default") == "/run/containerd/runc/default"
+
+
+def test_only_runtimeoptions_read_a_file(tmp_path):
+    assert reads_a_file(pack(api_pb2.Options(config_path=str(tmp_path / "x.toml"))))
+    assert not reads_a_file(pack(options_pb2.Options(binary_name="crun")))
+    assert not reads_a_file(None)
 
 
 @pytest.mark.parametrize("content", ['nope = 1\n', 'binary_name = 3\n', 'not toml ==='])
