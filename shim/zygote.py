@@ -119,6 +119,9 @@ def serve_forever(address: str, path: str, idle: float) -> int:
     import gc
     import socket
 
+    from shim import memory
+
+    memory.before_imports()
     from shim import cli, serve  # noqa: F401 - the point: pay the imports once, before any fork
 
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -141,6 +144,7 @@ def serve_forever(address: str, path: str, idle: float) -> int:
 
     # SIGTERM ends the loop through the finally below, so the socket and lock files go too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    memory.before_freeze()
     gc.collect()
     gc.freeze()  # what was imported stays out of the collector's way: pages stay shared after fork
     last = _now()
@@ -237,8 +241,9 @@ def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], e
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's handler is not the server's
         os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
+        from shim import memory
+
+        memory.set_environ(env)
         args = cli.parse_args(argv)
         set_cmdline(["containerd-shim-pyrunc-v2", *argv])  # what ps shows: a shim, not the zygote
         listener = socket.socket(fileno=listener_fd)
