@@ -33,6 +33,15 @@ def before_freeze() -> None:
     warm_up()
 
 
+def after_freeze() -> None:
+    """In the zygote, after ``gc.freeze()``, before it forks any server. Best effort, as all of this."""
+    for step in (fill_pymalloc_pools, drain_malloc_free_lists):
+        try:
+            step()
+        except Exception:  # noqa: BLE001, PERF203 - an optimisation must never stop the zygote
+            pass
+
+
 # -- the environment ------------------------------------------------------------------------------
 def set_environ(env: dict[str, str]) -> None:
     """Make ``os.environ`` equal to ``env``, touching only the variables that differ.
@@ -133,3 +142,124 @@ def _warm_up() -> None:
 
     asyncio.run(calls())
 
+
+# -- allocators -----------------------------------------------------------------------------------
+def _captured(fd: int, write) -> str:
+    """What ``write`` (a C function given a file descriptor's worth of output) wrote, via a memfd."""
+    import os
+
+    out = os.memfd_create("pyrunc-memory", os.MFD_CLOEXEC)
+    try:
+        write(out)
+        os.lseek(out, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(out, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(out)
+
+
+_FILLERS: list[object] = []  # objects that fill the pools' free blocks; never freed
+
+
+def _pymalloc_free_blocks() -> dict[int, int]:
+    """Free blocks per pymalloc block size (bytes) in the pools in use, from ``sys._debugmallocstats``
+    (written to the C stderr); empty when that is not there (another allocator or interpreter)."""
+    import os
+
+    debug = getattr(sys, "_debugmallocstats", None)
+    if debug is None:
+        return {}
+
+    def write(fd: int) -> None:
+        saved = os.dup(2)
+        try:
+            os.dup2(fd, 2)
+            debug()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    text = _captured(2, write)
+    free = {}
+    for line in text.split("# arenas", 1)[0].splitlines():
+        fields = line.split()  # class, size, pools, blocks in use, available blocks
+        if len(fields) == 5 and all(f.isdigit() for f in fields):
+            free[int(fields[1])] = int(fields[4])
+    return free
+
+
+def fill_pymalloc_pools() -> None:
+    """Use up, for good, the free blocks of the zygote's partly used pymalloc pools.
+
+    A server's new small objects would otherwise go first into those holes, one here and one there over
+    hundreds of the zygote's pages (each a page copy, plus the pool's header page); filled, they go to
+    fresh pools of the server's own. Measured: 0.15 MiB less copied per server, for ~0.5 MiB more in
+    the zygote."""
+    half = 0.5
+    for _ in range(2):  # the first round's own temporaries (and the lists) open a few holes again
+        batch: list[object] = []
+        for size, count in _pymalloc_free_blocks().items():
+            if size == 16:
+                batch += [object() for _ in range(count)]
+            elif size == 32:
+                batch += [half + half for _ in range(count)]  # a float: 24 bytes
+            elif count:  # a bytes object of n bytes asks pymalloc for 33 + n
+                batch += [bytes(size - 33) for _ in range(count)]
+        _FILLERS.append(batch)
+
+
+_HELD: list[int] = []  # C heap chunks taken by drain_malloc_free_lists; never freed
+
+
+def _malloc_free_chunks(libc) -> list[tuple[int, int]]:
+    """(chunk size, count) of the main arena's free chunks, from glibc's ``malloc_info``."""
+    import ctypes
+    import os
+    import re
+
+    libc.fdopen.restype = ctypes.c_void_p
+    libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+
+    def write(fd: int) -> None:
+        stream = libc.fdopen(os.dup(fd), b"w")
+        if stream:
+            try:
+                libc.malloc_info(0, stream)
+            finally:
+                libc.fclose(stream)
+
+    main = _captured(0, write).split('<heap nr="1">', 1)[0]  # the main arena; threads would add others
+    # sizes are printed with the chunk's flag bit (PREV_INUSE): masked off
+    return [(int(lo) & ~15, int(n)) for lo, n in
+            re.findall(r'<(?:size|unsorted) from="(\d+)" to="\d+" total="\d+" count="(\d+)"', main)]
+
+
+def drain_malloc_free_lists() -> None:
+    """Take the C heap's free chunks (glibc's malloc), for good, so a server's mallocs come from fresh
+    memory at the top of the heap.
+
+    Otherwise each malloc in a server takes one of the zygote's free chunks, all over its heap, and
+    writes to it, to its neighbours on the free list and to the next chunk's header. Measured: 0.15 MiB
+    less copied per server, for ~0.2 MiB more in the zygote."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        malloc = libc.malloc
+        libc.malloc_info  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return
+    malloc.restype = ctypes.c_void_p
+    malloc.argtypes = [ctypes.c_size_t]
+    for size in range(32, 1032 + 1, 16):  # the thread cache: up to 7 free chunks of each small size
+        _HELD.extend(malloc(size - 8) for _ in range(7))
+    for _ in range(3):  # taking part of a larger chunk leaves the rest free: again
+        chunks = _malloc_free_chunks(libc)
+        if not chunks:
+            break
+        for size, count in chunks:
+            _HELD.extend(malloc(max(size, 32) - 8) for _ in range(count))

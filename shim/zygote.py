@@ -147,6 +147,7 @@ def serve_forever(address: str, path: str, idle: float) -> int:
     memory.before_freeze()
     gc.collect()
     gc.freeze()  # what was imported stays out of the collector's way: pages stay shared after fork
+    memory.after_freeze()
     last = _now()
     try:
         while _now() - last < idle and os.path.exists(address):

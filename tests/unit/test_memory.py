@@ -50,10 +50,13 @@ def test_zygote_steps_leave_no_fds_threads_or_loop_and_skip_optional_modules():
         memory.before_freeze()
         gc.collect()
         gc.freeze()
+        memory.after_freeze()
         assert "shim.zygote" in sys.modules
         assert sorted(os.listdir("/proc/self/fd")) == fds, "fds left open"
         assert os.listdir("/proc/self/task") == [str(os.getpid())], "threads"
         assert asyncio.events._get_running_loop() is None
+        if sys.implementation.name == "cpython":
+            assert memory._FILLERS and memory._HELD, "nothing filled or drained"
         # a server still runs an event loop, in the same process
         async def main():
             await asyncio.sleep(0)
