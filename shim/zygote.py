@@ -35,7 +35,7 @@ def enabled() -> bool:
 
 def socket_path(address: str, directory: str = ZYGOTE_DIR) -> str:
     """Keyed by containerd's address, the interpreter and the code's files (names, sizes, mtimes)."""
-    from _sha256 import sha256  # hashlib's import is heavier than this whole module
+    from shim.cli import _sha256 as sha256  # not hashlib: its import is heavier than this whole module
 
     key = [sys.executable, address]
     for top, dirs, files in os.walk(_SHIM_DIR):
@@ -119,6 +119,9 @@ def serve_forever(address: str, path: str, idle: float) -> int:
     import gc
     import socket
 
+    from shim import memory
+
+    memory.before_imports()
     import shim.zygote  # noqa: F401 - this file runs as __main__; servers flag the package module
     from shim import cli, serve  # noqa: F401 - the point: pay the imports once, before any fork
 
@@ -142,8 +145,10 @@ def serve_forever(address: str, path: str, idle: float) -> int:
 
     # SIGTERM ends the loop through the finally below, so the socket and lock files go too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    memory.before_freeze(f"{path}.warm-{os.getpid()}")
     gc.collect()
     gc.freeze()  # what was imported stays out of the collector's way: pages stay shared after fork
+    memory.after_freeze()
     last = _now()
     spare = None
     try:
@@ -250,10 +255,7 @@ def _spare_main(channel, server) -> None:
             os.close(_LOCK)  # the zygote's flock must not outlive the zygote in its servers
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's handler is not the server's
         os.setsid()  # out of the zygote's session, as a server leaves containerd's
-        try:
-            _warm_up(f"{server_path}.warm-{os.getpid()}")
-        except OSError as e:  # only slower without it
-            print(f"pyrunc zygote: warm-up failed: {e!r}", file=sys.stderr)
+        _warm_up(f"{server_path}.warm-{os.getpid()}")  # best effort: only slower without it
         _, fds, _, _ = socket.recv_fds(channel, 1, 1)
         channel.close()
         if not fds:
@@ -268,35 +270,13 @@ def _spare_main(channel, server) -> None:
 
 
 def _warm_up(path: str) -> None:
-    """What every server does first, done once before the request arrives (a loop, a ttrpc server on a
-    socket): a forked child's first run of any code takes copy-on-write faults, ~5 ms for this path,
-    and here they are paid while nobody waits. ``path``: a free name in the zygote's root-only dir."""
-    import asyncio
-    import socket
-
-    from shim import cli
-    from shim.reaper import Reaper
-    from shim.serve import TASK_SERVICES
-    from shim.ttrpc import Server
+    """What every server does first, done once more in the spare before the request arrives: a forked
+    child's first run of any code takes copy-on-write faults (~5 ms for this path), paid here while
+    nobody waits. ``path``: a free name in the zygote's root-only directory."""
+    from shim import cli, memory
 
     cli.parse_args(["-namespace", "warm", "-address", "/", "-id", "warm", "-bundle", "/", "start"])
-
-    async def serve_nothing() -> None:
-        reaper = Reaper()
-        reaper.install()
-        reaper.close()
-        server = Server()
-        server.register(TASK_SERVICES[0], {})
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.bind(path)
-            try:
-                sock.listen()
-                await server.start(sock)
-                await server.shutdown(timeout=0)
-            finally:
-                os.unlink(path)
-
-    asyncio.run(serve_nothing())
+    memory.warm_up(path)
 
 
 def _serve_request(conn) -> None:
@@ -342,8 +322,9 @@ def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], e
     status = 1
     try:
         os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
+        from shim import memory
+
+        memory.set_environ(env)
         args = cli.parse_args(argv)
         set_cmdline(["containerd-shim-pyrunc-v2", *argv])  # what ps shows: a shim, not the zygote
         listener = socket.socket(fileno=listener_fd)

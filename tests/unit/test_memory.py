@@ -1,0 +1,80 @@
+"""shim/memory.py: the zygote's memory steps do what they say and leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """In a fresh interpreter: these steps change process-wide state (sys.modules, the environment)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**(env or os.environ), "PYTHONPATH": str(ROOT)})
+
+
+def test_set_environ_reaches_the_process_environment():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PSS_KEEP="same", PSS_CHANGE="old", PSS_DROP="x")
+    res = _run("""
+        import os, subprocess
+        from shim import memory
+        wanted = {k: v for k, v in os.environ.items() if k not in ("PSS_DROP", "PYTHONPATH")}
+        wanted.update(PSS_CHANGE="new", PSS_ADD="é=1")
+        memory.set_environ(wanted)
+        assert dict(os.environ) == wanted, "os.environ"
+        seen = subprocess.run(["env", "-0"], capture_output=True, check=True).stdout  # the C environ
+        seen = dict(item.split(b"=", 1) for item in seen.split(b"\\0") if item)
+        assert seen == {os.fsencode(k): os.fsencode(v) for k, v in wanted.items()}, "execve environment"
+        memory.set_environ(dict(wanted))  # unchanged: nothing to do
+        assert dict(os.environ) == wanted
+    """, env)
+    assert res.returncode == 0, res.stderr
+
+
+def test_zygote_steps_leave_no_fds_threads_or_loop_and_skip_optional_modules():
+    res = _run("""
+        import gc, os, sys
+        from shim import memory
+        memory.before_imports()
+        import asyncio
+        from shim import cli, serve  # noqa: F401 - what the zygote imports
+        import shutil  # noqa: F401 - imports bz2 and lzma where it can
+        loaded = {"ssl", "_ssl", "_bz2", "_lzma"} & {m for m, v in sys.modules.items() if v}
+        assert not loaded, loaded
+        fds = sorted(os.listdir("/proc/self/fd"))
+        import tempfile
+        warm = os.path.join(tempfile.mkdtemp(prefix="mem-", dir="/tmp"), "warm.sock")
+        memory.before_freeze(warm)
+        assert not os.path.exists(warm), "the warm-up socket is removed"
+        os.rmdir(os.path.dirname(warm))
+        gc.collect()
+        gc.freeze()
+        memory.after_freeze()
+        assert "shim.zygote" in sys.modules
+        assert sorted(os.listdir("/proc/self/fd")) == fds, "fds left open"
+        assert os.listdir("/proc/self/task") == [str(os.getpid())], "threads"
+        assert asyncio.events._get_running_loop() is None
+        if sys.implementation.name == "cpython":
+            assert memory._FILLERS and memory._HELD, "nothing filled or drained"
+        # a server still runs an event loop, in the same process
+        async def main():
+            await asyncio.sleep(0)
+            return 7
+        assert asyncio.run(main()) == 7
+    """)
+    assert res.returncode == 0, res.stderr
+
+
+def test_warm_up_failure_is_swallowed(monkeypatch):
+    from shim import memory
+
+    def boom(path):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(memory, "_warm_up", boom)
+    memory.warm_up("/nonexistent/warm.sock")
