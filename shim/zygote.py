@@ -27,6 +27,7 @@ FORKED = False  # True in a server this zygote forked (for its log line)
 _LOCK: int | None = None  # the zygote's lock fd
 _CMDLINE_ROOM = 512
 _MAX_REQUEST = 16 << 20  # argv, env and options: far below this
+_REFILL_DELAY = 0.1  # seconds without a request before the next spare is forked
 
 
 def enabled() -> bool:
@@ -149,12 +150,15 @@ def serve_forever(address: str, path: str, idle: float) -> int:
     gc.collect()
     gc.freeze()  # what was imported stays out of the collector's way: pages stay shared after fork
     memory.after_freeze()
-    last = _now()
+    last = refill_at = _now()
     spare = None
     try:
         while _now() - last < idle and os.path.exists(address):
-            if spare is None:
+            # The next spare is forked once no request came for a moment: not while the server just
+            # handed a request competes for the CPU with containerd's next calls to it.
+            if spare is None and _now() >= refill_at:
                 spare = _Spare.fork(server)
+            server.settimeout(5.0 if spare is not None else max(0.001, refill_at - _now()))
             try:
                 conn, _ = server.accept()
             except TimeoutError:
@@ -163,10 +167,11 @@ def serve_forever(address: str, path: str, idle: float) -> int:
             with conn:
                 try:
                     if _peer_allowed(conn):
-                        spare = spare.take(conn, server)
+                        (spare or _Spare.fork(server)).take(conn, server)
                 except OSError as e:  # a bad or stalled caller, a failed fork: the zygote stays
                     print(f"pyrunc zygote: request failed: {e}", file=sys.stderr)
-                    spare = None
+                finally:
+                    spare, refill_at = None, _now() + _REFILL_DELAY
     finally:
         if spare is not None:
             spare.close()  # it sees EOF and leaves
@@ -223,9 +228,9 @@ class _Spare:
         os.waitpid(first, 0)
         return cls(ours)
 
-    def take(self, conn, server) -> _Spare:
-        """Hand ``conn`` over; the spare that waits for the next request. One retry with a new spare when
-        this one is gone (killed while it waited)."""
+    def take(self, conn, server) -> None:
+        """Hand ``conn`` over, and let go of this spare. One retry with a new spare when this one is gone
+        (killed while it waited)."""
         import socket
 
         try:
@@ -233,10 +238,12 @@ class _Spare:
         except OSError:
             self.close()
             retry = _Spare.fork(server)
-            socket.send_fds(retry.channel, [b"J"], [conn.fileno()])
-            self.channel = retry.channel
-        self.close()
-        return _Spare.fork(server)
+            try:
+                socket.send_fds(retry.channel, [b"J"], [conn.fileno()])
+            finally:
+                retry.close()
+        else:
+            self.close()
 
     def close(self) -> None:
         self.channel.close()
@@ -255,7 +262,7 @@ def _spare_main(channel, server) -> None:
             os.close(_LOCK)  # the zygote's flock must not outlive the zygote in its servers
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's handler is not the server's
         os.setsid()  # out of the zygote's session, as a server leaves containerd's
-        _warm_up(f"{server_path}.warm-{os.getpid()}")  # best effort: only slower without it
+        _warm_up_quietly(f"{server_path}.warm-{os.getpid()}")
         _, fds, _, _ = socket.recv_fds(channel, 1, 1)
         channel.close()
         if not fds:
@@ -267,6 +274,19 @@ def _spare_main(channel, server) -> None:
         print(f"pyrunc zygote: request failed: {e!r}", file=sys.stderr)
     finally:
         os._exit(status)
+
+
+def _warm_up_quietly(path: str) -> None:
+    """:func:`_warm_up` at the lowest CPU priority, which is given back after: a spare warms up while the
+    server forked before it may be serving its first calls, and must not slow those down."""
+    priority = os.getpriority(os.PRIO_PROCESS, 0) if os.geteuid() == 0 else None  # only root may raise it again
+    if priority is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    try:
+        _warm_up(path)  # best effort: only slower without it
+    finally:
+        if priority is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, priority)
 
 
 def _warm_up(path: str) -> None:
