@@ -153,6 +153,14 @@ class TaskService:
 
     async def Start(self, ctx: ServerContext, req: api.StartRequest) -> api.StartResponse:
         c, p = self.process(req.id, req.exec_id)
+        if p.is_init and c.restore_from is None:
+            # Shielded, as the Go shim finishes a Start whose caller hung up: once `runc start` ran the
+            # init is running, and must be recorded so and announced. (An exec or a restore whose caller
+            # hangs up is undone instead: Container._launch.)
+            return await asyncio.shield(self._start(c, p))
+        return await self._start(c, p)
+
+    async def _start(self, c: Container, p: Process) -> api.StartResponse:
         await c.start(p)
         try:
             if p.is_init:

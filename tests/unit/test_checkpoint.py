@@ -77,6 +77,8 @@ if verb in ("create", "restore", "exec"):
             f.write("not-a-pid" if b.get("bad_pid") and path != init_file else str(p.pid))
 elif verb == "ps":
     print(b.get("stdout", "[]"))
+elif verb == "start":
+    time.sleep(b.get("delay", 0))
 elif verb == "checkpoint":
     os.makedirs(opt("--image-path"), exist_ok=True)
     if "--leave-running" not in rest:

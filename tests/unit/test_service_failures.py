@@ -165,6 +165,29 @@ def test_an_exec_whose_caller_goes_away_during_runc_exec_is_killed(tmp_path: Pat
     run(tmp_path, fake, test)
 
 
+def test_an_init_start_whose_caller_goes_away_during_runc_start_completes(tmp_path: Path, fake: Fake) -> None:
+    """As the Go shim: once runc start runs, the init is started, recorded as running and announced,
+    whether or not the caller is still there to hear it."""
+    async def test(s: Stack) -> None:
+        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle)))
+        fake.behave(start={"delay": 0.3})
+        starting = asyncio.ensure_future(s.acall("Start", api.StartRequest(id=CID)))
+        while not any("start" in call for call in fake.calls()):
+            await asyncio.sleep(0.01)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        for _ in range(100):
+            if (await s.acall("State", api.StateRequest(id=CID))).status == types.RUNNING:
+                break
+            await asyncio.sleep(0.02)
+        assert (await s.acall("State", api.StateRequest(id=CID))).status == types.RUNNING
+        assert s.topics() == ["TaskCreate", "TaskStart"]
+        await kill_and_delete(s)
+
+    run(tmp_path, fake, test)
+
+
 def test_a_restore_whose_caller_goes_away_during_runc_restore_is_undone(tmp_path: Path, fake: Fake) -> None:
     async def test(s: Stack) -> None:
         await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle), checkpoint="/img"))
