@@ -133,10 +133,11 @@ def serve_forever(address: str, path: str, idle: float) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another zygote for the same key won the race
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    for stale in [path, *_warm_up_sockets(path)]:  # left by a zygote or a spare killed mid-way
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     os.chmod(path, 0o600)
@@ -182,6 +183,17 @@ def serve_forever(address: str, path: str, idle: float) -> int:
             except FileNotFoundError:
                 pass
     return 0
+
+
+def _warm_up_sockets(path: str) -> list[str]:
+    """The warm-up sockets (``<path>.warm-<pid>``) of processes that are gone."""
+    directory, prefix = os.path.dirname(path), os.path.basename(path) + ".warm-"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names
+            if n.startswith(prefix) and not os.path.exists(f"/proc/{n.removeprefix(prefix)}")]
 
 
 def _now() -> float:

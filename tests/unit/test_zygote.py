@@ -206,3 +206,12 @@ def test_a_spare_waits_is_replaced_when_killed_and_leaves_with_the_zygote(short_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_warm_up_sockets_of_dead_processes_are_found(short_tmp):
+    path = str(short_tmp / "pyrunc-zygote-x")
+    gone_pid = 2**22 + 7  # above pid_max's default: never a live process
+    for pid in (os.getpid(), gone_pid):
+        Path(f"{path}.warm-{pid}").write_text("")
+    Path(f"{path}.lock").write_text("")
+    assert zygote._warm_up_sockets(path) == [f"{path}.warm-{gone_pid}"]
