@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -28,6 +29,7 @@ SHIM_NAME = "containerd-shim-pyrunc-v2"
 PYRUNC = "io.containerd.pyrunc.v2"
 RUNC_V2 = "io.containerd.runc.v2"
 BUSYBOX = "/bin/busybox"
+SHIM_SOCKET_DIR = "/run/containerd/s"  # where containerd's shims (ours and Go's) put their sockets
 
 # The checkout this package runs from (tests, bench/, tools/try, an editable install), or None when it
 # is installed: only a checkout has the cmd/ launcher.
@@ -128,6 +130,13 @@ def build_oci_image_tar(rootfs: Path, out: Path, ref: str) -> Path:
     return out
 
 
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -150,12 +159,15 @@ class PrivateContainerd:
         self.disable_cri = disable_cri
         self.proc: subprocess.Popen[bytes] | None = None
         self._namespaces = {namespace}
+        self._sockets_before: set[str] | None = None
 
     def start(self) -> PrivateContainerd:
         """Start containerd (again, after :meth:`stop_daemon`: same root, state and sockets). A containerd
         already running is kept: starting a second one would leave the first nobody's to stop."""
         if self.proc is not None and self.proc.poll() is None:
             return self
+        if self._sockets_before is None:
+            self._sockets_before = set(_listdir(SHIM_SOCKET_DIR))
         if not self.bin.exists():
             self.bin.mkdir()
             ours = shim_binary()
@@ -291,7 +303,28 @@ class PrivateContainerd:
                 os.kill(pid, signal.SIGKILL)
         self.unmount_all()
         self.remove_namespace_cgroups()
+        self.remove_dead_sockets()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def remove_dead_sockets(self, directory: str = SHIM_SOCKET_DIR) -> None:
+        """Shim sockets that appeared while we ran and that nothing serves any more: a shim killed on
+        purpose leaves its socket (the Go shim's delete does not remove it). Under the lock ``start``
+        holds from bind to listen, so a socket another start is just setting up is never taken."""
+        from shim import cli
+
+        new = set(_listdir(directory)) - (self._sockets_before or set())
+        if not new:
+            return
+        lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            cli._flock(lock)
+            for name in new:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(os.lstat(path).st_mode) and not cli._is_served(path):
+                        os.unlink(path)
+        finally:
+            os.close(lock)
 
     def remove_namespace_cgroups(self, root: str = "/sys/fs/cgroup") -> None:
         """runc puts containers in ``<hierarchy>/<namespace>/<id>`` and leaves the namespace's cgroup behind

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,26 @@ def test_stop_removes_empty_namespace_cgroups_only(tmp_path: Path) -> None:
         shutil.rmtree(stack.dir, ignore_errors=True)
     assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*")) == [
         "cpu/other-ns", "memory/other-ns", "pids/ns1", "pids/other-ns"]
+
+
+def test_stop_removes_dead_shim_sockets_that_appeared_only(tmp_path: Path) -> None:
+    import socket
+
+    sockdir = Path(tempfile.mkdtemp(prefix="hs-", dir="/tmp"))  # tmp_path is too long for socket paths
+    try:
+        old_dead = sockdir / "old"
+        socket.socket(socket.AF_UNIX).bind(str(old_dead))  # there before: not ours to judge
+        stack = PrivateContainerd(namespace="ns1")
+        stack._sockets_before = set(os.listdir(sockdir))
+        dead, live = sockdir / "dead", sockdir / "live"
+        socket.socket(socket.AF_UNIX).bind(str(dead))  # bound, closed: what a killed shim leaves
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(live))
+            server.listen()
+            try:
+                stack.remove_dead_sockets(str(sockdir))
+            finally:
+                shutil.rmtree(stack.dir, ignore_errors=True)
+            assert sorted(os.listdir(sockdir)) == ["live", "old"]
+    finally:
+        shutil.rmtree(sockdir)
