@@ -158,7 +158,11 @@ def serve_forever(address: str, path: str, idle: float) -> int:
             # The next spare is forked once no request came for a moment: not while the server just
             # handed a request competes for the CPU with containerd's next calls to it.
             if spare is None and _now() >= refill_at:
-                spare = _Spare.fork(server)
+                try:
+                    spare = _Spare.fork(server)
+                except OSError as e:  # no fork now (EAGAIN, ENOMEM): try later; requests fork their own
+                    print(f"pyrunc zygote: cannot fork a spare: {e}", file=sys.stderr)
+                    refill_at = _now() + 1.0
             server.settimeout(5.0 if spare is not None else max(0.001, refill_at - _now()))
             try:
                 conn, _ = server.accept()
