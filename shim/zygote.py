@@ -172,7 +172,7 @@ def serve_forever(address: str, path: str, idle: float) -> int:
             with conn:
                 try:
                     if _peer_allowed(conn):
-                        (spare or _Spare.fork(server)).take(conn, server)
+                        (spare or _Spare.fork(server, warm=False)).take(conn, server)
                 except OSError as e:  # a bad or stalled caller, a failed fork: the zygote stays
                     print(f"pyrunc zygote: request failed: {e}", file=sys.stderr)
                 finally:
@@ -219,11 +219,13 @@ class _Spare:
     for the caller's connection, then reads the request from the caller itself (see _serve_request).
     Forked through an intermediate that exits at once: the server is nobody's child, as before."""
 
-    def __init__(self, channel) -> None:
+    def __init__(self, channel, pid: int) -> None:
         self.channel = channel
+        self.pid = pid
 
     @classmethod
-    def fork(cls, server) -> _Spare:
+    def fork(cls, server, warm: bool = True) -> _Spare:
+        """``warm``: the spare warms up first (a spare forked for a request already waiting does not)."""
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -231,9 +233,11 @@ class _Spare:
             first = os.fork()
             if first == 0:
                 try:
-                    if os.fork() == 0:
+                    spare = os.fork()
+                    if spare == 0:
                         ours.close()
-                        _spare_main(theirs, server)
+                        _spare_main(theirs, server, warm)
+                    theirs.sendall(spare.to_bytes(4, sys.byteorder))  # the zygote's way to its priority
                 finally:
                     os._exit(0)
         except BaseException:
@@ -242,7 +246,12 @@ class _Spare:
         finally:
             theirs.close()
         os.waitpid(first, 0)
-        return cls(ours)
+        try:
+            pid = int.from_bytes(_recv_exactly(ours, 4), sys.byteorder)
+        except BaseException:
+            ours.close()
+            raise
+        return cls(ours, pid)
 
     def take(self, conn, server) -> None:
         """Hand ``conn`` over, and let go of this spare. One retry with a new spare when this one is gone
@@ -250,10 +259,15 @@ class _Spare:
         import socket
 
         try:
+            # Its warm-up runs at the lowest priority, which a request waiting for it must not inherit.
+            os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
+        except OSError:
+            pass  # gone (see below), or not ours to raise: it gives the priority back itself after warm-up
+        try:
             socket.send_fds(self.channel, [b"J"], [conn.fileno()])
         except OSError:
             self.close()
-            retry = _Spare.fork(server)
+            retry = _Spare.fork(server, warm=False)
             try:
                 socket.send_fds(retry.channel, [b"J"], [conn.fileno()])
             finally:
@@ -265,7 +279,17 @@ class _Spare:
         self.channel.close()
 
 
-def _spare_main(channel, server) -> None:
+def _recv_exactly(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("spare gone before it said its pid")
+        data += chunk
+    return data
+
+
+def _spare_main(channel, server, warm: bool) -> None:
     """In the spare: get ready, wait for a caller's connection, serve it; never returns."""
     import signal
     import socket
@@ -278,7 +302,8 @@ def _spare_main(channel, server) -> None:
             os.close(_LOCK)  # the zygote's flock must not outlive the zygote in its servers
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's handler is not the server's
         os.setsid()  # out of the zygote's session, as a server leaves containerd's
-        _warm_up_quietly(f"{server_path}.warm-{os.getpid()}")
+        if warm:
+            _warm_up_quietly(f"{server_path}.warm-{os.getpid()}")
         _, fds, _, _ = socket.recv_fds(channel, 1, 1)
         channel.close()
         if not fds:

@@ -194,6 +194,8 @@ def test_a_spare_waits_is_replaced_when_killed_and_leaves_with_the_zygote(short_
             assert pid is not None and pid != spare
             servers.append(pid)
             assert _wait_for(lambda b=bundle, p=pid: Path(f"/proc/{p}/cwd").resolve() == b)
+            # spares warm up at the lowest CPU priority; a server never keeps it
+            assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, proc.pid)
         assert len(set(servers)) == 2
         assert _wait_for(lambda: len([p for p in _spares(path, proc.pid) if p not in servers]) == 1)
         address.unlink()  # the zygote leaves; its spare sees the channel close and leaves too
