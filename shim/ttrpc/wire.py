@@ -17,7 +17,12 @@ class DecodeError(ValueError):
     pass
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]  # most keys, lengths and codes: no loop, no allocation
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if value < 0:
         value += 1 << 64  # negative int32/int64 use ten bytes of two's complement
     out = bytearray()
@@ -61,14 +66,21 @@ def _fields(buf: bytes):
     """Yield (number, wire_type, value) with value an int or bytes; skips nothing silently wrong."""
     pos, end = 0, len(buf)
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key = buf[pos]
+        if key < 0x80:  # one-byte keys (fields 1-15): every field of these messages
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos)
         number, wt = key >> 3, key & 7
         if number == 0:
             raise DecodeError("field number 0")
         if wt == _WT_VARINT:
             value, pos = _read_varint(buf, pos)
         elif wt == _WT_LEN:
-            n, pos = _read_varint(buf, pos)
+            if pos < end and buf[pos] < 0x80:
+                n, pos = buf[pos], pos + 1
+            else:
+                n, pos = _read_varint(buf, pos)
             if pos + n > end:
                 raise DecodeError("truncated length-delimited field")
             value, pos = bytes(buf[pos : pos + n]), pos + n

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from shim.api.google.rpc import status_pb2
 from shim.api.ttrpc import ttrpc_pb2
-from shim.ttrpc.wire import Request, Response, Status
+from shim.ttrpc.wire import DecodeError, Request, Response, Status
 
 text = st.text(max_size=40)
 int64 = st.integers(-(2**63), 2**63 - 1)
@@ -42,3 +42,13 @@ def test_status_details_are_any_messages(details):
         theirs.details.add(type_url=url, value=value)
     ours = Status.decode(theirs.SerializeToString())
     assert status_pb2.Status.FromString(ours.encode()) == theirs
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_decode_or_fail_cleanly(data):
+    """Garbage from a peer is a DecodeError (answered InvalidArgument), never another exception."""
+    for message in (Request, Response, Status):
+        try:
+            message.decode(data)
+        except DecodeError:
+            pass
