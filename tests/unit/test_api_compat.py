@@ -46,7 +46,7 @@ MIRRORS = {
 }
 # Our files without an upstream .proto in containerd 1.6, and how they are checked instead.
 OTHER_CHECKS = {
-    "containerd/task/v3/shim.proto": "same as our containerd.task.v2 but for the package",
+    "containerd/task/v3/shim.proto": "derived from our containerd.task.v2 by genproto: same but for the package",
     "google/rpc/status.proto": "gogo/googleapis' google/rpc/status.proto, else explicit numbers",
     "ttrpc/ttrpc.proto": "ttrpc types.go struct tags, explicit numbers and hand-encoded bytes",
     "containerd/runtime/bootstrap/v1/bootstrap.proto": "explicit numbers from containerd v2.3.0 (NEWER below)",

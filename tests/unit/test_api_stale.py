@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
+
 from tools import genproto
 
 
@@ -43,3 +45,13 @@ def test_rewrite_imports_only_touches_our_modules():
         "from shim.api.containerd.types import mount_pb2 as containerd_dot_types_dot_mount__pb2\n"
         "_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shim.api.containerd.types.mount_pb2', _globals)\n"
     )
+
+
+def test_a_derived_proto_needs_exactly_one_package_line(tmp_path):
+    (name, (origin, old, new)), = genproto.DERIVED.items()
+    (tmp_path / origin).parent.mkdir(parents=True)
+    (tmp_path / origin).write_text(f'syntax = "proto3";\npackage {old};\nmessage M {{}}\n')
+    assert f"package {new};" in genproto.derived_source(name, tmp_path)
+    (tmp_path / origin).write_text('syntax = "proto3";\nmessage M {}\n')
+    with pytest.raises(genproto.ProtocError, match="exactly one"):
+        genproto.derived_source(name, tmp_path)
