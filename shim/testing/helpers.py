@@ -52,6 +52,16 @@ def cleanup(stack, cid: str) -> None:
     stack.ctr("container", "delete", cid, check=False)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
 def wait_status(stack, cid: str, want: str, timeout: float = 10) -> str:
     deadline = time.monotonic() + timeout
     status = ""

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from shim.api.containerd.task.v2 import shim_pb2 as api
+from shim.testing.helpers import uid, wait_until
 from shim.ttrpc import Client
 from tests.integration.test_races import remove
 from tools.stack import PYRUNC
@@ -20,15 +19,6 @@ def served_by_zygote(stack) -> int:
     return sum(1 for line in stack.log().splitlines() if "pyrunc shim serving" in line and "zygote=true" in line)
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 async def shim_pid(address: str) -> int:
     client = await Client.connect(address)
     try:
@@ -38,10 +28,10 @@ async def shim_pid(address: str) -> int:
 
 
 def test_every_start_after_the_first_is_a_zygote_server_at_normal_priority(containerd, busybox_image):
-    containerd.ctr("run", "--rm", "--runtime", PYRUNC, busybox_image, f"zy-{uuid.uuid4().hex[:8]}", "true")
+    containerd.ctr("run", "--rm", "--runtime", PYRUNC, busybox_image, uid("zy"), "true")
     assert wait_until(lambda: len(containerd.zygote_pids()) >= 2), "a zygote and its spare"
     before = served_by_zygote(containerd)
-    cids = [f"zy-{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
+    cids = [uid(f"zy-{i}") for i in range(8)]
     try:
         containerd.ctr("run", "-d", "--runtime", PYRUNC, busybox_image, cids[0], "sleep", "100")  # the spare
         with ThreadPoolExecutor(7) as pool:  # a burst: spares forked on the spot

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shim import zygote
+from shim.testing.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,15 +162,6 @@ def _spares(path: str, zygote_pid: int) -> list[int]:
     return found
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def test_a_spare_waits_is_replaced_when_killed_and_leaves_with_the_zygote(short_tmp):
     address = short_tmp / "containerd.sock"
     address.write_text("")
@@ -178,10 +170,10 @@ def test_a_spare_waits_is_replaced_when_killed_and_leaves_with_the_zygote(short_
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     servers = []
     try:
-        assert _wait_for(lambda: os.path.exists(path) and len(_spares(path, proc.pid)) == 1, 20)
+        assert wait_until(lambda: os.path.exists(path) and len(_spares(path, proc.pid)) == 1, 20)
         (spare,) = _spares(path, proc.pid)
         os.kill(spare, 9)  # a spare lost while waiting: the next request still gets a server
-        assert _wait_for(lambda: spare not in _spares(path, proc.pid))
+        assert wait_until(lambda: spare not in _spares(path, proc.pid))
         for n in range(2):
             bundle = short_tmp / f"bundle{n}"
             bundle.mkdir()
@@ -193,14 +185,14 @@ def test_a_spare_waits_is_replaced_when_killed_and_leaves_with_the_zygote(short_
                     str(bundle), listener.fileno(), b"", {"TTRPC_ADDRESS": str(short_tmp / "ttrpc.sock")})
             assert pid is not None and pid != spare
             servers.append(pid)
-            assert _wait_for(lambda b=bundle, p=pid: Path(f"/proc/{p}/cwd").resolve() == b)
+            assert wait_until(lambda b=bundle, p=pid: Path(f"/proc/{p}/cwd").resolve() == b)
             # spares warm up at the lowest CPU priority; a server never keeps it
             assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, proc.pid)
         assert len(set(servers)) == 2
-        assert _wait_for(lambda: len([p for p in _spares(path, proc.pid) if p not in servers]) == 1)
+        assert wait_until(lambda: len([p for p in _spares(path, proc.pid) if p not in servers]) == 1)
         address.unlink()  # the zygote leaves; its spare sees the channel close and leaves too
         proc.wait(15)
-        assert _wait_for(lambda: [p for p in _spares(path, proc.pid) if p not in servers] == [])
+        assert wait_until(lambda: [p for p in _spares(path, proc.pid) if p not in servers] == [])
     finally:
         for pid in servers:
             os.kill(pid, 9)
