@@ -259,10 +259,10 @@ class _Spare:
         import socket
 
         try:
-            # Its warm-up runs at the lowest priority, which a request waiting for it must not inherit.
+            # It warmed up at the lowest priority (_warm_up_quietly); a server must not keep that.
             os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
-        except OSError:
-            pass  # gone (see below), or not ours to raise: it gives the priority back itself after warm-up
+        except ProcessLookupError:
+            pass  # gone: the send below fails and a new spare takes the request
         try:
             socket.send_fds(self.channel, [b"J"], [conn.fileno()])
         except OSError:
@@ -318,16 +318,12 @@ def _spare_main(channel, server, warm: bool) -> None:
 
 
 def _warm_up_quietly(path: str) -> None:
-    """:func:`_warm_up` at the lowest CPU priority, which is given back after: a spare warms up while the
-    server forked before it may be serving its first calls, and must not slow those down."""
-    priority = os.getpriority(os.PRIO_PROCESS, 0) if os.geteuid() == 0 else None  # only root may raise it again
-    if priority is not None:
+    """:func:`_warm_up` at the lowest CPU priority: a spare warms up while the server forked before it may
+    be serving its first calls, and must not slow those down. The zygote gives the priority back when it
+    hands the spare a request (:meth:`_Spare.take`); only root may, so only root lowers it."""
+    if os.geteuid() == 0:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
-    try:
-        _warm_up(path)  # best effort: only slower without it
-    finally:
-        if priority is not None:
-            os.setpriority(os.PRIO_PROCESS, 0, priority)
+    _warm_up(path)  # best effort: only slower without it
 
 
 def _warm_up(path: str) -> None:
