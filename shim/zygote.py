@@ -123,7 +123,6 @@ def serve_forever(address: str, path: str, idle: float) -> int:
     from shim import memory
 
     memory.before_imports()
-    import shim.zygote  # noqa: F401 - this file runs as __main__; servers flag the package module
     from shim import cli, serve  # noqa: F401 - the point: pay the imports once, before any fork
 
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -388,7 +387,7 @@ def _become(conn, listener_fd: int, cwd: str, options: bytes, argv: list[str], e
         args.socket_path = listener.getsockname()
         import shim.zygote  # this file runs as __main__ here; serve looks at the package module
 
-        shim.zygote.FORKED = True  # (imported by the zygote already)
+        shim.zygote.FORKED = True  # (imported before the fork: memory.before_freeze)
 
         def go_ahead() -> bool:
             # Without it (start gave up on us, see request_server) serving would be a second server.
