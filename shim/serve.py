@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shim import cgroups
 from shim import log as shimlog
 from shim.events import Publisher
 from shim.options import from_bytes
@@ -48,26 +49,6 @@ def _inode(path: object) -> int | None:
         return None
 
 
-def join_cgroup(path: str, root: str = "/sys/fs/cgroup") -> list[str]:
-    """Move this shim into the cgroup ``path`` (Options.shim_cgroup) in every hierarchy that has it: the
-    unified one, or each v1 controller's. Where it does not exist nothing is created, as with the Go shim."""
-    rel = path.strip("/")
-    candidates = [os.path.join(root, rel)] + [os.path.join(root, d, rel) for d in sorted(os.listdir(root))]
-    joined = []
-    for cg in candidates:
-        procs = os.path.join(cg, "cgroup.procs")
-        if os.path.isfile(procs):
-            try:
-                with open(procs, "w") as f:
-                    f.write(str(os.getpid()))
-                joined.append(cg)
-            except OSError as e:
-                log.warning("cannot move the shim into %s: %s", cg, e)
-    if not joined:
-        log.error("shim_cgroup %s exists in no cgroup hierarchy under %s", path, root)
-    return joined
-
-
 async def _serve(args: ShimArgs, listener: socket.socket, options: bytes,
                  go_ahead: Callable[[], bool] | None) -> int:
     loop = asyncio.get_running_loop()
@@ -91,7 +72,7 @@ async def _serve(args: ShimArgs, listener: socket.socket, options: bytes,
         log.error("ignoring runtime options from start: %s", e.message)
         default_options = from_bytes(b"")
     if default_options.shim_cgroup:
-        join_cgroup(default_options.shim_cgroup)
+        cgroups.join(default_options.shim_cgroup)
     service = TaskService(args.namespace, reaper, publisher.publish, default_options, done.set)
     server = Server()
     for name in TASK_SERVICES:

@@ -10,9 +10,9 @@ from shim.api.cgroups.v1 import metrics_pb2 as v1_pb
 from shim.api.cgroups.v2 import metrics_pb2 as v2_pb
 from shim.cgroups import v1, v2
 from shim.cgroups.oom import OOMWatcher
-from shim.cgroups.paths import Cgroup, CgroupError, CgroupV1, CgroupV2, Mode, find, mode
+from shim.cgroups.paths import Cgroup, CgroupError, CgroupV1, CgroupV2, Mode, find, join, mode
 
-__all__ = ["Cgroup", "CgroupError", "CgroupV1", "CgroupV2", "Mode", "OOMWatcher", "find", "metrics", "mode",
+__all__ = ["Cgroup", "CgroupError", "CgroupV1", "CgroupV2", "Mode", "OOMWatcher", "find", "join", "metrics", "mode",
            "stats"]
 
 

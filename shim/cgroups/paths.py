@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shim.cgroups._linux import CGROUP2_SUPER_MAGIC, fs_type
+
+log = logging.getLogger("pyrunc")
 
 ROOT = "/sys/fs/cgroup"
 PROC = "/proc"
@@ -148,3 +151,23 @@ def find(pid: int, root: str = ROOT, proc: str = PROC, cgroup_mode: Mode | None 
     if not paths:
         raise CgroupError(f"cgroup of pid {pid} does not exist (deleted?)")
     return CgroupV1(root, paths, proc)
+
+
+def join(path: str, root: str = ROOT) -> list[str]:
+    """Move this shim into the cgroup ``path`` (Options.shim_cgroup) in every hierarchy that has it: the
+    unified one, or each v1 controller's. Where it does not exist nothing is created, as with the Go shim."""
+    rel = path.strip("/")
+    candidates = [os.path.join(root, rel)] + [os.path.join(root, d, rel) for d in sorted(os.listdir(root))]
+    joined = []
+    for cg in candidates:
+        procs = os.path.join(cg, "cgroup.procs")
+        if os.path.isfile(procs):
+            try:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+                joined.append(cg)
+            except OSError as e:
+                log.warning("cannot move the shim into %s: %s", cg, e)
+    if not joined:
+        log.error("shim_cgroup %s exists in no cgroup hierarchy under %s", path, root)
+    return joined

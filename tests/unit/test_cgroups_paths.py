@@ -111,3 +111,17 @@ def test_find_on_this_host_for_a_child_process() -> None:
         child.wait()
     with pytest.raises(CgroupError):
         find(child.pid)
+
+
+def test_join_moves_us_into_each_hierarchy_that_has_the_cgroup(tmp_path):
+    from shim import cgroups
+
+    for hierarchy in ("memory", "pids"):
+        (tmp_path / hierarchy / "shims").mkdir(parents=True)
+        (tmp_path / hierarchy / "shims" / "cgroup.procs").write_text("")
+    (tmp_path / "cpu").mkdir()  # no such cgroup there: nothing is created
+    assert cgroups.join("/shims", str(tmp_path)) == [str(tmp_path / "memory" / "shims"),
+                                                      str(tmp_path / "pids" / "shims")]
+    assert (tmp_path / "memory" / "shims" / "cgroup.procs").read_text() == str(os.getpid())
+    assert not (tmp_path / "cpu" / "shims").exists()
+    assert cgroups.join("/absent", str(tmp_path)) == []
