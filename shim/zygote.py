@@ -258,10 +258,10 @@ class _Spare:
         import socket
 
         try:
-            # It warmed up at the lowest priority (_warm_up_quietly); a server must not keep that.
+            # Its warm-up runs at the lowest priority, which a request waiting for it must not inherit.
             os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
-        except ProcessLookupError:
-            pass  # gone: the send below fails and a new spare takes the request
+        except OSError:
+            pass  # gone (see below), or not ours to raise: it gives the priority back itself after warm-up
         try:
             socket.send_fds(self.channel, [b"J"], [conn.fileno()])
         except OSError:
@@ -317,12 +317,18 @@ def _spare_main(channel, server, warm: bool) -> None:
 
 
 def _warm_up_quietly(path: str) -> None:
-    """:func:`_warm_up` at the lowest CPU priority: a spare warms up while the server forked before it may
-    be serving its first calls, and must not slow those down. The zygote gives the priority back when it
-    hands the spare a request (:meth:`_Spare.take`); only root may, so only root lowers it."""
-    if os.geteuid() == 0:
+    """:func:`_warm_up` at the lowest CPU priority, which is given back after: a spare warms up while the
+    server forked before it may be serving its first calls, and must not slow those down. Both this and
+    :meth:`_Spare.take` give the priority back: a request can be handed over before the spare got as far
+    as lowering it (then only this restores it), or in the middle of its warm-up (then take cuts it short)."""
+    priority = os.getpriority(os.PRIO_PROCESS, 0) if os.geteuid() == 0 else None  # only root may raise it again
+    if priority is not None:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
-    _warm_up(path)  # best effort: only slower without it
+    try:
+        _warm_up(path)  # best effort: only slower without it
+    finally:
+        if priority is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, priority)
 
 
 def _warm_up(path: str) -> None:
