@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,3 +80,30 @@ def test_warm_up_failure_is_swallowed(monkeypatch):
 
     monkeypatch.setattr(memory, "_warm_up", boom)
     memory.warm_up("/nonexistent/warm.sock")
+
+
+def test_immortalized_module_objects_keep_their_counts_and_still_work():
+    res = _run("""
+        import asyncio, sys
+        from shim import memory, serve  # noqa: F401 - what the zygote holds
+        if not memory.immortal_refcounts_work():
+            assert memory.immortalize_modules() == 0
+            print("SKIP immortal objects need CPython 3.12+ (GIL build), this is", sys.version)
+            raise SystemExit(0)
+        assert memory.immortalize_modules() > 10_000
+        run, state = asyncio.run, serve.__dict__
+        before = sys.getrefcount(run), sys.getrefcount(state)
+        held = [run] * 1000 + [state] * 1000
+        assert (sys.getrefcount(run), sys.getrefcount(state)) == before, "a count moved"
+        del held
+        fresh = object()
+        assert sys.getrefcount(fresh) == 2, "new objects stay mortal"
+        async def main():
+            await asyncio.sleep(0)
+            return 7
+        assert asyncio.run(main()) == 7
+        assert memory.immortalize_modules() < 1000, "a second pass finds little new"
+    """)
+    assert res.returncode == 0, res.stderr
+    if res.stdout.startswith("SKIP"):
+        pytest.skip(res.stdout.removeprefix("SKIP ").strip())
