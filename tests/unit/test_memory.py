@@ -63,6 +63,8 @@ def test_zygote_steps_leave_no_fds_threads_or_loop_and_skip_optional_modules():
         assert asyncio.events._get_running_loop() is None
         if sys.implementation.name == "cpython":
             assert memory._FILLERS and memory._HELD, "nothing filled or drained"
+        if memory.immortal_refcounts_work():
+            assert sys.getrefcount(asyncio.run) >= 0xFFFFFFFF, "the modules' objects are not immortal"
         # a server still runs an event loop, in the same process
         async def main():
             await asyncio.sleep(0)
