@@ -155,20 +155,7 @@ def run_pipe(stack: PrivateContainerd, runtime: str, stream: str, size: int) -> 
                                  "sh", "-c", script), stdin=subprocess.DEVNULL, stdout=out, stderr=err)
     os.close(w)
     os.close(sink)
-    recv = Receiver(r)
-    try:
-        rc = proc.wait(600)
-        wall = time.perf_counter() - t0
-        recv.join(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        rss = mem.stop()
-        os.close(r)
-    if rc != 0 or recv.bytes != size:
-        raise RuntimeError(f"ctr exited {rc} after {recv.bytes} of {size} bytes")
-    return Sample(recv.bytes, recv.last - recv.first, wall, rss)
+    return _collect(proc, r, mem, t0, size, "ctr")
 
 
 def run_tty(stack: PrivateContainerd, runtime: str, size: int) -> Sample:
@@ -181,7 +168,12 @@ def run_tty(stack: PrivateContainerd, runtime: str, size: int) -> Sample:
                                  f"io-{uuid.uuid4().hex[:8]}", "sh", "-c", f"dd if=/dev/zero bs={BS} count={count} "
                                  "2>/dev/null"), stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
-    recv = Receiver(master)
+    return _collect(proc, master, mem, t0, size, "ctr -t")
+
+
+def _collect(proc: subprocess.Popen, fd: int, mem: ShimMemory, t0: float, size: int, what: str) -> Sample:
+    """Read ``fd`` (ctr's output) to the end, wait for ctr, and close ``fd``; ctr is killed on failure."""
+    recv = Receiver(fd)
     try:
         rc = proc.wait(600)
         wall = time.perf_counter() - t0
@@ -191,9 +183,9 @@ def run_tty(stack: PrivateContainerd, runtime: str, size: int) -> Sample:
             proc.kill()
             proc.wait()
         rss = mem.stop()
-        os.close(master)
+        os.close(fd)
     if rc != 0 or recv.bytes != size:
-        raise RuntimeError(f"ctr -t exited {rc} after {recv.bytes} of {size} bytes")
+        raise RuntimeError(f"{what} exited {rc} after {recv.bytes} of {size} bytes")
     return Sample(recv.bytes, recv.last - recv.first, wall, rss)
 
 
