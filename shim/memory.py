@@ -34,11 +34,29 @@ def before_freeze(warm_path: str) -> None:
     # to mark itself forked: the import machinery, run in every server, copied ~0.3 MiB there.
     import shim.zygote  # noqa: F401
 
+    pack_code()  # first: the warm-up below then specialises the new copies
     # CPython quickens a function's bytecode (3.11: on its 8th call) and specialises it as it runs; run
     # only once here, each server would do that to the same code, a copied page each. Measured on 3.11:
     # -0.18 MiB per container at 10 (running more of Create's code here as well gained nothing more).
     for _ in range(QUICKENING_RUNS):
         warm_up(warm_path)
+
+
+def pack_code() -> int:
+    """Lay out the code servers run together (shim/code_layout.py), from the recorded profile, out of fresh
+    memory: the allocators' holes are used up first, so the copies come one after the other. Measured on
+    3.12: ~300 -> ~100 pages of bytecode written per server, -0.8 MiB private. Best effort."""
+    try:
+        from shim import code_layout
+
+        hot = code_layout.load_profile()
+        if not hot:
+            return 0
+        drain_malloc_free_lists()  # large code objects: glibc's malloc
+        fill_pymalloc_pools()  # code objects of up to 512 bytes: pymalloc
+        return code_layout.pack(hot)
+    except Exception:  # noqa: BLE001 - an optimisation must never stop the zygote
+        return 0
 
 
 def after_freeze() -> None:

@@ -49,6 +49,7 @@ def test_zygote_steps_leave_no_fds_threads_or_loop_and_skip_optional_modules():
         loaded = {"ssl", "_ssl", "_bz2", "_lzma"} & {m for m, v in sys.modules.items() if v}
         assert not loaded, loaded
         fds = sorted(os.listdir("/proc/self/fd"))
+        unpacked = serve._serve.__code__
         import tempfile
         warm = os.path.join(tempfile.mkdtemp(prefix="mem-", dir="/tmp"), "warm.sock")
         memory.before_freeze(warm)
@@ -58,6 +59,7 @@ def test_zygote_steps_leave_no_fds_threads_or_loop_and_skip_optional_modules():
         gc.freeze()
         memory.after_freeze()
         assert "shim.zygote" in sys.modules
+        assert serve._serve.__code__ is not unpacked, "the code servers run is not packed"
         assert sorted(os.listdir("/proc/self/fd")) == fds, "fds left open"
         assert os.listdir("/proc/self/task") == [str(os.getpid())], "threads"
         assert asyncio.events._get_running_loop() is None

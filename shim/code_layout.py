@@ -1,0 +1,118 @@
+"""Where the zygote's code objects sit in memory, so that its servers write to as few pages as they can.
+
+CPython keeps each function's bytecode inside its code object and writes to it as the code runs: 3.11+
+specialise instructions on their first runs, and every run of an instruction that cannot be specialised
+(a call with keywords, an attribute behind ``__getattr__`` …) counts down a counter in the bytecode.
+A server forked from the zygote so writes to the code objects of everything it runs, ~400 of them,
+each on its own 4 KiB page among code it never runs: a page copied for each (~300 pages, 1.2 MiB per
+server). :func:`pack` re-creates the code objects servers run one after the other, on ~50 pages.
+
+Which code objects servers run comes from a profile (``shim/_hot_code.py``), recorded from real servers
+by ``python tools/hot_code.py`` with :func:`record`. A stale entry costs nothing but its gain: code it
+names that no longer exists is not found, code not in it stays where it was.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from collections.abc import Sequence
+
+_FILES: dict[str, str] = {}  # co_filename -> its path below the sys.path entry it came from
+
+
+def key(code: types.CodeType) -> str:
+    """A code object's name in the profile: its file below its ``sys.path`` entry, and its qualified name
+    (``asyncio/base_events.py:BaseEventLoop.run_forever``), the same in any install, checkout or venv."""
+    name = code.co_filename
+    short = _FILES.get(name)
+    if short is None:
+        roots = [p.rstrip("/") + "/" for p in sys.path if p and name.startswith(p.rstrip("/") + "/")]
+        short = _FILES[name] = name[len(max(roots, key=len)):] if roots else name
+    return short + ":" + code.co_qualname
+
+
+def _nested(code: types.CodeType) -> list[types.CodeType]:
+    return [c for c in code.co_consts if isinstance(c, types.CodeType)]
+
+
+def pack(hot: Sequence[str]) -> int:
+    """Re-create, one after the other and in ``hot``'s order, the code objects whose :func:`key` is in
+    ``hot``, and point every function at its new code; returns how many were re-created. Run before any of
+    that code is specialised (the copies start unspecialised) and before ``gc.freeze``, while nothing runs
+    it but the caller's own frames, which keep the code they started with.
+
+    A function made later from nested code (a closure, a generator expression) gets its code from its
+    parent's constants, so a parent of hot code is re-created too (just after its children), with the new
+    code among its constants.
+    """
+    import gc
+
+    rank = {k: i for i, k in enumerate(hot)}
+    functions = [o for o in gc.get_objects() if type(o) is types.FunctionType]
+    holds: dict[int, bool] = {}  # id -> whether the code is hot or holds hot code, however deep
+
+    def holds_hot(code: types.CodeType) -> bool:  # recursive: as deep as functions are nested in source
+        found = holds.get(id(code))
+        if found is None:
+            found = holds[id(code)] = key(code) in rank or any([holds_hot(c) for c in _nested(code)])
+        return found
+
+    hot_codes = {id(f.__code__): f.__code__ for f in functions if holds_hot(f.__code__)}
+    todo = list(hot_codes.values())
+    while todo:  # and the nested code that holds hot code (made into functions later)
+        for c in _nested(todo.pop()):
+            if holds_hot(c) and id(c) not in hot_codes:
+                hot_codes[id(c)] = c
+                todo.append(c)
+    replaced: dict[int, types.CodeType] = {}
+
+    def copy(code: types.CodeType) -> types.CodeType:
+        new = replaced.get(id(code))
+        if new is None:
+            consts = tuple(copy(c) if isinstance(c, types.CodeType) and holds_hot(c) else c
+                           for c in code.co_consts)
+            new = replaced[id(code)] = code.replace(co_consts=consts)
+        return new
+
+    last = len(rank)
+    for code in sorted(hot_codes.values(), key=lambda c: rank.get(key(c), last)):
+        copy(code)
+    for f in functions:
+        new = replaced.get(id(f.__code__))
+        if new is not None:
+            f.__code__ = new
+    return len(replaced)
+
+
+def load_profile() -> tuple[str, ...]:
+    """The recorded profile, in the order servers first ran its code; empty when there is none."""
+    try:
+        from shim._hot_code import HOT
+    except ImportError:
+        return ()
+    return tuple(HOT)
+
+
+def record(directory: str) -> bool:
+    """From now on, append the :func:`key` of each code object this process starts running (once each)
+    to ``<directory>/<pid>.txt``. CPython 3.12+ (``sys.monitoring``); False where it cannot."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None:
+        return False
+    tool = monitoring.PROFILER_ID
+    try:
+        monitoring.use_tool_id(tool, "pyrunc-code-layout")
+    except ValueError:
+        return False  # taken: a profiler is running this process
+    out = os.open(os.path.join(directory, f"{os.getpid()}.txt"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def started(code: types.CodeType, _offset: int) -> object:
+        os.write(out, (key(code) + "\n").encode("utf-8", "backslashreplace"))
+        return monitoring.DISABLE  # once per code object: no further events from it
+
+    monitoring.register_callback(tool, monitoring.events.PY_START, started)
+    monitoring.set_events(tool, monitoring.events.PY_START)
+    return True
