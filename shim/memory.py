@@ -338,16 +338,22 @@ def immortalize_modules() -> int:
 
     if not immortal_refcounts_work():
         return 0
-    seen: set[int] = set()
+    # Visited objects are told apart by their (now immortal) counts, not by a set of their ids: that set
+    # and its ~60k ints took ~3 MiB that the zygote kept (and pymalloc holes that fill_pymalloc_pools then
+    # filled). Only types that were immortal already (the static ones) are remembered, to visit them once.
+    static_types: set[int] = set()
     todo: list[object] = [m for m in list(sys.modules.values()) if m is not None]
     changed = 0
     while todo:
         obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, types.FrameType):
+        if isinstance(obj, types.FrameType):
             continue
-        seen.add(id(obj))
         count = ctypes.c_ssize_t.from_address(id(obj))
-        if count.value & _IMMORTAL != _IMMORTAL:
+        if count.value & _IMMORTAL == _IMMORTAL:  # made so by this pass, or by the interpreter
+            if not isinstance(obj, type) or id(obj) in static_types:
+                continue
+            static_types.add(id(obj))
+        else:
             count.value = _IMMORTAL
             changed += 1
         if isinstance(obj, types.CodeType):  # not a gc container: its references, by hand
