@@ -40,6 +40,24 @@ def before_freeze(warm_path: str) -> None:
     # -0.18 MiB per container at 10 (running more of Create's code here as well gained nothing more).
     for _ in range(QUICKENING_RUNS):
         warm_up(warm_path)
+    try:
+        tag_types()
+    except Exception:  # noqa: BLE001 - an optimisation must never stop the zygote
+        pass
+
+
+def tag_types() -> None:
+    """Give every class its version tag now. CPython tags a class lazily, on its first lookup through
+    the method cache, which for a class only servers use would be a write to the zygote's page in each."""
+    import gc
+
+    lookup = type.__getattribute__  # the plain lookup: no metaclass __getattr__ runs
+    for obj in gc.get_objects():
+        if issubclass(type(obj), type):  # not isinstance: a weakref.proxy to a class passes that
+            try:
+                lookup(obj, "__pyrunc_version_tag__")  # an interned name: a cacheable lookup tags
+            except AttributeError:
+                pass
 
 
 def pack_code() -> int:
@@ -118,11 +136,13 @@ def _warm_up(path: str) -> None:
     from google.protobuf import timestamp_pb2
 
     from shim import log as shimlog
+    from shim import mount
     from shim.api.containerd.task.v2 import shim_pb2 as api
     from shim.reaper import Reaper
     from shim.ttrpc import Client, Code, Server, TTRPCError
 
     timestamp_pb2.Timestamp().GetCurrentTime()
+    mount.libc()
 
     # log lines through the shim's handler and formatter, into /dev/null; a logger of its own
     logger = logging.getLogger("pyrunc-warm-up")

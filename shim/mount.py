@@ -39,12 +39,14 @@ _FLAGS: dict[str, tuple[bool, int]] = {
 _libc: ctypes.CDLL | None = None
 
 
-def _c() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """libc through ctypes, made once per process: the zygote's, for all its servers (memory.warm_up)."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
         _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc.prctl  # noqa: B018 - CDLL makes each function's object on first use: here, once
     return _libc
 
 
@@ -64,7 +66,7 @@ def parse_options(options: Iterable[str]) -> tuple[int, str]:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    rc = _c().mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+    rc = libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
                     data.encode() if data else None)
     if rc != 0:
         err = ctypes.get_errno()
@@ -91,7 +93,7 @@ def unmount_all(target: str) -> None:
     """Unmount everything stacked on ``target`` (lazily), until the kernel says nothing is left."""
     path = target.encode()
     for _ in range(64):
-        if _c().umount2(path, MNT_DETACH) != 0:
+        if libc().umount2(path, MNT_DETACH) != 0:
             err = ctypes.get_errno()
             if err in (errno.EINVAL, errno.ENOENT):
                 return

@@ -37,8 +37,9 @@ def set_child_subreaper(enable: bool = True) -> None:
     """Make orphaned descendants of this process our children instead of init's."""
     import ctypes  # only the long-running server needs it; keep it off the start/delete import path
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0) != 0:
+    from shim.mount import libc
+
+    if libc().prctl(PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 

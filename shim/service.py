@@ -79,7 +79,9 @@ def _os_errors(handler):
 
     Only paths the caller gave get here: failures with the shim's own files (pid files, options.json)
     are TTRPCErrors where they happen, so a missing one of those never reads as the caller's NotFound."""
-    @functools.wraps(handler)
+    # Not functools.wraps' defaults: those make the handler's __annotations__ and __dict__ (its function's,
+    # made on first access), a write to the zygote's pages in every server.
+    @functools.wraps(handler, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
     async def wrapped(ctx: ServerContext, req):
         try:
             return await handler(ctx, req)

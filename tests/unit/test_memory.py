@@ -111,3 +111,22 @@ def test_immortalized_module_objects_keep_their_counts_and_still_work():
     assert res.returncode == 0, res.stderr
     if res.stdout.startswith("SKIP"):
         pytest.skip(res.stdout.removeprefix("SKIP ").strip())
+
+
+def test_tag_types_looks_up_plainly_and_survives_odd_objects():
+    res = _run("""
+        import weakref
+        from shim import memory
+        calls = []
+        class Meta(type):
+            def __getattr__(cls, name):
+                calls.append(name)
+                raise AttributeError(name)
+        class Odd(metaclass=Meta):
+            x = 1
+        proxy = weakref.proxy(Odd)  # claims to be a type: isinstance(proxy, type) is True
+        memory.tag_types()
+        assert calls == [], calls
+        assert Odd.x == 1 and proxy.x == 1
+    """)
+    assert res.returncode == 0, res.stderr
