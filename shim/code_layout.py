@@ -95,9 +95,16 @@ def load_profile() -> tuple[str, ...]:
     return tuple(HOT)
 
 
+def _record_line(code: types.CodeType) -> bytes:
+    # where its bytecode is, for tools/hot_code.py to see whether a server wrote to it
+    return f"{key(code)}\t{id(code)}\t{len(code.co_code)}\n".encode("utf-8", "backslashreplace")
+
+
 def record(directory: str) -> bool:
-    """From now on, append the :func:`key` of each code object this process starts running (once each)
-    to ``<directory>/<pid>.txt``. CPython 3.12+ (``sys.monitoring``); False where it cannot."""
+    """Append to ``<directory>/<pid>.txt`` a line for the code running now (the caller's frames, which go on
+    running), then for each code object this process starts running, once each; and so on in the
+    processes it forks. A line: :func:`key`, the code object's address and its bytecode's length, tab
+    separated. CPython 3.12+ (``sys.monitoring``); False where it cannot."""
     monitoring = getattr(sys, "monitoring", None)
     if monitoring is None:
         return False
@@ -108,9 +115,14 @@ def record(directory: str) -> bool:
         return False  # taken: a profiler is running this process
     out = os.open(os.path.join(directory, f"{os.getpid()}.txt"),
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    running, frame = [], sys._getframe(1)
+    while frame is not None:
+        running.append(frame.f_code)
+        frame = frame.f_back
+    os.write(out, b"".join(_record_line(code) for code in reversed(running)))
 
     def started(code: types.CodeType, _offset: int) -> object:
-        os.write(out, (key(code) + "\n").encode("utf-8", "backslashreplace"))
+        os.write(out, _record_line(code))
         return monitoring.DISABLE  # once per code object: no further events from it
 
     monitoring.register_callback(tool, monitoring.events.PY_START, started)

@@ -232,6 +232,10 @@ class _Spare:
             first = os.fork()
             if first == 0:
                 try:
+                    if os.environ.get("PYRUNC_RECORD_CODE"):  # tools/hot_code.py: what a server runs, from
+                        from shim import code_layout  # the fork on (its after-fork hooks, this function)
+
+                        code_layout.record(os.environ["PYRUNC_RECORD_CODE"])
                     spare = os.fork()
                     if spare == 0:
                         ours.close()
@@ -301,10 +305,6 @@ def _spare_main(channel, server, warm: bool) -> None:
             os.close(_LOCK)  # the zygote's flock must not outlive the zygote in its servers
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the zygote's handler is not the server's
         os.setsid()  # out of the zygote's session, as a server leaves containerd's
-        if os.environ.get("PYRUNC_RECORD_CODE"):  # tools/hot_code.py: what servers run, for code_layout
-            from shim import code_layout
-
-            code_layout.record(os.environ["PYRUNC_RECORD_CODE"])
         if warm:
             _warm_up_quietly(f"{server_path}.warm-{os.getpid()}")
         _, fds, _, _ = socket.recv_fds(channel, 1, 1)

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,12 +32,16 @@ HOT = (
 '''
 
 
-def lifecycle(stack: PrivateContainerd, cid: str) -> None:
-    """What a container's server does in its life, through ctr, as containerd (or CRI) asks it."""
+def start_and_use(stack: PrivateContainerd, cid: str) -> None:
+    """A container's server up to its steady state, where its memory is measured (bench/shim_bench.py)."""
     stack.ctr("run", "-d", "--runtime", PYRUNC, IMAGE, cid, "sleep", "1000")
     for n in range(2):
         stack.ctr("task", "exec", "--exec-id", f"e{n}", cid, "true")
     stack.ctr("task", "metrics", cid)
+
+
+def finish(stack: PrivateContainerd, cid: str) -> None:
+    """The rest of its life; and a whole short one, with output."""
     stack.ctr("task", "kill", "-s", "KILL", cid)
     deadline = time.monotonic() + 20
     while "STOPPED" not in stack.ctr("task", "ls").stdout:
@@ -48,6 +53,55 @@ def lifecycle(stack: PrivateContainerd, cid: str) -> None:
     out = stack.ctr("run", "--rm", "--runtime", PYRUNC, IMAGE, f"{cid}-rm", "echo", "hello").stdout
     if out.strip() != "hello":
         raise RuntimeError(f"ctr run printed {out!r}")
+
+
+def _records(directory: str) -> list[list[tuple[str, int, int]]]:
+    """Each record file's lines: (key, code object's address, bytecode length), in the order written."""
+    files = []
+    for f in sorted(Path(directory).glob("*.txt")):
+        rows = []
+        for line in f.read_text().splitlines():
+            k, addr, n = line.split("\t")
+            if not k.endswith(":<module>"):  # run once, at import: never again, nothing to lay out
+                rows.append((k, int(addr), int(n)))
+        files.append(rows)
+    return files
+
+
+def _started_at(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def written(directory: str, server: int, zygote: int) -> set[str]:
+    """The recorded code whose bytecode ``server`` wrote to since its fork: where it differs from the
+    zygote's. (The recording's own marks on a code object are undone once it has reported it.)"""
+    start = types.CodeType.__basicsize__  # where a code object's bytecode begins (this Python = theirs)
+    seen: set[int] = set()
+    found: set[str] = set()
+    with open(f"/proc/{server}/mem", "rb") as theirs, open(f"/proc/{zygote}/mem", "rb") as origin:
+        for rows in _records(directory):
+            for k, addr, n in rows:
+                if addr in seen:
+                    continue
+                seen.add(addr)
+                try:
+                    theirs.seek(addr + start)
+                    now = theirs.read(n)
+                    origin.seek(addr + start)
+                    before = origin.read(n)
+                except OSError:
+                    continue  # not the zygote's: made in the server
+                if now != before:
+                    found.add(k)
+    return found
+
+
+def _server_of(stack: PrivateContainerd, cid: str) -> int:
+    for pid in stack.shim_pids():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"-id" in argv and argv[argv.index(b"-id") + 1] == cid.encode():
+            return pid
+    raise RuntimeError(f"no shim serves {cid}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,30 +120,37 @@ def main(argv: list[str] | None = None) -> int:
                 work.mkdir()
                 tar = build_oci_image_tar(build_busybox_rootfs(work / "rootfs"), work / "image.tar", IMAGE)
                 stack.ctr("image", "import", "--no-unpack", str(tar))
-                lifecycle(stack, "first")  # no zygote yet: its servers fork on their own; it starts one
+                start_and_use(stack, "first")  # no zygote yet: its server forks on its own; it starts one
+                finish(stack, "first")
                 deadline = time.monotonic() + 20
                 while not stack.zygote_pids():
                     if time.monotonic() > deadline:
                         raise RuntimeError("no zygote came up")
                     time.sleep(0.1)
                 time.sleep(2)  # its warm-up, before its first spare
+                zygote = min(stack.zygote_pids(), key=_started_at)  # not its spare
+                steady: set[str] = set()
                 for i in range(args.rounds):
-                    lifecycle(stack, f"hot{i}")
+                    start_and_use(stack, f"hot{i}")
+                    steady |= written(records, _server_of(stack, f"hot{i}"), zygote)
+                    finish(stack, f"hot{i}")
         finally:
             del os.environ["PYRUNC_RECORD_CODE"]
         first: dict[str, int] = {}  # key -> the earliest a server ran it (its place in that server's life)
-        files = list(Path(records).glob("*.txt"))
-        for f in files:
-            for i, k in enumerate(line for line in f.read_text().splitlines() if line):
+        files = _records(records)
+        for rows in files:
+            for i, (k, _, _) in enumerate(rows):
                 first[k] = min(first.get(k, i), i)
-        keys = sorted(first, key=lambda k: (first[k], k))
+        # what servers write by their steady state first, then the rest they ran: each in the order run
+        keys = sorted(first, key=lambda k: (k not in steady, first[k], k))
     if not files or not keys:
         print("hot_code: no server recorded anything (zygote off? PYRUNC_ZYGOTE=0)", file=sys.stderr)
         return 1
     python = f"CPython {sys.version.split()[0]}"
     body = "".join(f"    {k!r},\n" for k in keys)
     args.out.write_text(HEADER.format(python=python) + body + ")\n")
-    print(f"hot_code: {len(keys)} code objects from {len(files)} server(s) -> {args.out}")
+    print(f"hot_code: {len(keys)} code objects ({len(steady)} written by a server in steady state) "
+          f"from {len(files)} record(s) -> {args.out}")
     return 0
 
 

@@ -126,8 +126,12 @@ def test_record_writes_each_started_code_once(tmp_path):
         for _ in range(3):
             m.plain(1)
         m.outer(2)(3)
-        lines = open(os.path.join({str(tmp_path)!r}, f"{{os.getpid()}}.txt")).read().splitlines()
+        rows = [line.split("\\t") for line in open(os.path.join({str(tmp_path)!r}, f"{{os.getpid()}}.txt"))]
+        lines = [r[0] for r in rows]
         assert lines.count("sample_mod.py:plain") == 1, lines
+        assert lines[0] == "<string>:<module>", "the running code first"
+        row = rows[lines.index("sample_mod.py:plain")]
+        assert int(row[1]) == id(m.plain.__code__) and int(row[2]) == len(m.plain.__code__.co_code)
         assert lines.index("sample_mod.py:outer") < lines.index("sample_mod.py:outer.<locals>.inner")
         assert not code_layout.record({str(tmp_path)!r}), "the tool id is taken"
         print("ok")
