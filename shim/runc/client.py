@@ -200,10 +200,17 @@ def _process_stdio(console_socket: str | None, stdin: int | None, stdout: int | 
 
 
 def _write_spec(process_json: bytes) -> str:
-    import tempfile  # only exec needs it; keeps the delete path's imports small
-
-    fd, path = tempfile.mkstemp(prefix="runc-process", suffix=".json",
-                                dir=os.environ.get("XDG_RUNTIME_DIR") or None)
+    # Where go-runc puts it (os.CreateTemp in $XDG_RUNTIME_DIR, else the temp dir). Not tempfile.mkstemp:
+    # its first call in a process seeds a random generator and test-writes a file in each candidate temp
+    # dir, on the first exec of every shim. A random name, created exclusively: safe in a shared /tmp.
+    directory = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    while True:
+        path = os.path.join(directory, f"runc-process{os.urandom(8).hex()}.json")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(process_json)

@@ -318,3 +318,21 @@ def test_missing_runc_is_a_clear_error() -> None:
         assert "no-such-runc-on-path: executable file not found" in str(caught.value)
 
     run(test)
+
+
+def test_process_spec_file_is_private_and_where_go_runc_puts_it(tmp_path, monkeypatch):
+    from shim.runc.client import _write_spec
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    paths = [_write_spec(b'{"args": ["true"]}') for _ in range(3)]
+    assert len(set(paths)) == 3
+    for path in paths:
+        assert os.path.dirname(path) == str(tmp_path)
+        assert os.path.basename(path).startswith("runc-process") and path.endswith(".json")
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        with open(path, "rb") as f:
+            assert f.read() == b'{"args": ["true"]}'
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
+    assert os.path.dirname(_write_spec(b"{}")) == str(tmp_path / "t")
