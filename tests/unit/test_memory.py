@@ -130,3 +130,18 @@ def test_tag_types_looks_up_plainly_and_survives_odd_objects():
         assert Odd.x == 1 and proxy.x == 1
     """)
     assert res.returncode == 0, res.stderr
+
+
+def test_tag_module_dicts_leaves_every_module_as_it_was():
+    res = _run("""
+        import sys, types
+        from shim import memory, serve  # noqa: F401 - what the zygote holds
+        before = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if type(m) is types.ModuleType}
+        memory.tag_module_dicts()
+        after = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if type(m) is types.ModuleType}
+        assert before.keys() == after.keys(), "a module came or went"
+        changed = [n for n in before if n != "__main__" and before[n].keys() != after[n].keys()
+                   or any(before[n][k] is not after[n][k] for k in before[n])]
+        assert not changed, changed
+    """)
+    assert res.returncode == 0, res.stderr
