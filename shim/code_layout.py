@@ -66,24 +66,39 @@ def pack(hot: Sequence[str]) -> int:
             if holds_hot(c) and id(c) not in hot_codes:
                 hot_codes[id(c)] = c
                 todo.append(c)
-    replaced: dict[int, types.CodeType] = {}
-
-    def copy(code: types.CodeType) -> types.CodeType:
-        new = replaced.get(id(code))
-        if new is None:
-            consts = tuple(copy(c) if isinstance(c, types.CodeType) and holds_hot(c) else c
-                           for c in code.co_consts)
-            new = replaced[id(code)] = code.replace(co_consts=consts)
-        return new
-
+    # The order to make the copies in, each code after the hot code it holds, worked out before the first
+    # copy: nothing else the interpreter allocates on the way lands between two copies.
     last = len(rank)
-    for code in sorted(hot_codes.values(), key=lambda c: rank.get(key(c), last)):
-        copy(code)
+    order: list[types.CodeType] = []
+    placed: set[int] = set()
+    for top in sorted(hot_codes.values(), key=lambda c: rank.get(key(c), last)):
+        stack = [(top, False)]
+        while stack:
+            code, children_done = stack.pop()
+            if id(code) in placed:
+                continue
+            if children_done:
+                placed.add(id(code))
+                order.append(code)
+            else:
+                stack.append((code, True))
+                stack.extend((c, False) for c in reversed(_nested(code)) if holds[id(c)])
+    replaced: dict[int, types.CodeType | None] = dict.fromkeys(placed)  # sized once
+    for code in order:  # code.replace() reads these; each is made (and kept) on first access: now
+        code.co_code, code.co_varnames, code.co_cellvars, code.co_freevars  # noqa: B018
+    for code in order:
+        nested = _nested(code)
+        if any(holds[id(c)] for c in nested):
+            consts = tuple(replaced[id(c)] if type(c) is types.CodeType and holds[id(c)] else c
+                           for c in code.co_consts)
+            replaced[id(code)] = code.replace(co_consts=consts)
+        else:
+            replaced[id(code)] = code.replace()
     for f in functions:
         new = replaced.get(id(f.__code__))
         if new is not None:
             f.__code__ = new
-    return len(replaced)
+    return len(order)
 
 
 def load_profile() -> tuple[str, ...]:
