@@ -40,11 +40,61 @@ def before_freeze(warm_path: str) -> None:
     # -0.18 MiB per container at 10 (running more of Create's code here as well gained nothing more).
     for _ in range(QUICKENING_RUNS):
         warm_up(warm_path)
-    for tag in (tag_types, tag_module_dicts):
+    for tag in (fill_instance_keys, tag_types, tag_module_dicts):
         try:
             tag()
         except Exception:  # noqa: BLE001, PERF203 - an optimisation must never stop the zygote
             pass
+
+
+def _init_attributes(init: object) -> list[str]:
+    """The names ``__init__`` assigns as ``self.<name> = ...``, in order, read off its bytecode."""
+    import dis
+    import types
+
+    if type(init) is not types.FunctionType or not init.__code__.co_argcount:
+        return []
+    names: list[str] = []
+    previous = None
+    for ins in dis.get_instructions(init):
+        if ins.opname == "STORE_ATTR" and previous is not None and previous.opname == "LOAD_FAST" \
+                and previous.arg == 0 and ins.argval not in names:
+            names.append(ins.argval)
+        previous = ins
+    return names
+
+
+def fill_instance_keys() -> None:
+    """Put each class's instance attribute names into its shared keys now, as its first instance would.
+
+    CPython keeps the names of a class's instance attributes in one keys table per class, which the
+    first instance made fills as it sets them: for a class only servers make instances of (most of the
+    shim's), a write to the zygote's page in every server. A bare instance (``object.__new__``, no
+    ``__init__`` run) gets the names ``__init__`` assigns ``self.<name>``, with ``object.__setattr__``;
+    classes with their own ``__new__``, ``__setattr__``, ``__del__`` or a data descriptor of that name
+    are left alone, so no code of theirs runs."""
+    import gc
+
+    def static(cls: type, name: str) -> object:  # a class attribute, without running a descriptor
+        return next((vars(base)[name] for base in cls.__mro__ if name in vars(base)), None)
+
+    plain_new, plain_setattr = object.__new__, object.__setattr__
+    for cls in gc.get_objects():
+        if not issubclass(type(cls), type) or static(cls, "__new__") is not static(object, "__new__") \
+                or static(cls, "__setattr__") is not plain_setattr \
+                or any("__del__" in vars(base) for base in cls.__mro__[:-1]):
+            continue
+        names = [n for n in _init_attributes(static(cls, "__init__"))
+                 if not hasattr(type(static(cls, n)), "__set__")]
+        if not names:
+            continue
+        try:
+            bare = plain_new(cls)
+            for name in names:
+                plain_setattr(bare, name, None)
+        except (TypeError, AttributeError):  # abstract, not a plain object underneath, __slots__
+            continue
+        del bare
 
 
 def tag_types() -> None:

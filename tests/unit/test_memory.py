@@ -145,3 +145,48 @@ def test_tag_module_dicts_leaves_every_module_as_it_was():
         assert not changed, changed
     """)
     assert res.returncode == 0, res.stderr
+
+
+def test_fill_instance_keys_runs_no_class_code():
+    res = _run("""
+        from shim import memory
+        calls = []
+        class Plain:
+            def __init__(self, a):
+                calls.append("init")
+                self.a = a
+                self.b = 2
+        class Guarded:
+            def __init__(self):
+                self.x = 1
+            def __setattr__(self, name, value):
+                calls.append("setattr")
+                object.__setattr__(self, name, value)
+        class Finalised:
+            def __init__(self):
+                self.y = 1
+            def __del__(self):
+                calls.append("del")
+        class WithSetter:
+            def __init__(self):
+                self.z = 1
+            @property
+            def z(self):
+                return 0
+            @z.setter
+            def z(self, value):
+                calls.append("setter")
+        class Made:
+            def __new__(cls):
+                calls.append("new")
+                return super().__new__(cls)
+            def __init__(self):
+                self.w = 1
+        assert memory._init_attributes(Plain.__init__) == ["a", "b"]
+        memory.fill_instance_keys()
+        assert calls == [], calls
+        p = Plain(1)
+        assert (p.a, p.b, vars(p)) == (1, 2, {"a": 1, "b": 2})
+        assert Guarded().x == 1 and Finalised().y == 1 and Made().w == 1
+    """)
+    assert res.returncode == 0, res.stderr
