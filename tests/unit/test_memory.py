@@ -190,3 +190,29 @@ def test_fill_instance_keys_runs_no_class_code():
         assert Guarded().x == 1 and Finalised().y == 1 and Made().w == 1
     """)
     assert res.returncode == 0, res.stderr
+
+
+def test_version_functions_numbers_what_servers_run_and_calls_still_work():
+    res = _run("""
+        import ctypes, sys
+        from shim import memory, serve, zygote  # noqa: F401 - what the zygote holds
+        if sys.version_info[:2] != (3, 12):
+            assert memory.version_functions() == 0
+            print("SKIP function versions are handed out on CPython 3.12 only, this is", sys.version)
+            raise SystemExit(0)
+        offset, first = memory._fresh_version()
+        again, second = memory._fresh_version()
+        assert offset == again and 0 < first < second, (offset, again, first, second)
+        unpack = zygote._unpack  # in the profile: servers run it
+        unpack.__code__ = unpack.__code__  # as code_layout.pack does: that resets the version
+        field = ctypes.c_uint32.from_address(id(unpack) + offset)
+        assert field.value == 0
+        assert memory.version_functions() >= 1
+        assert field.value > second, "a fresh number"
+        data = zygote._pack([b"a", b"bc"])
+        assert [unpack(data) for _ in range(6)] == [[b"a", b"bc"]] * 6  # through a specialised call
+        assert field.value > second, "a call keeps it"
+    """)
+    assert res.returncode == 0, res.stderr
+    if res.stdout.startswith("SKIP"):
+        pytest.skip(res.stdout.removeprefix("SKIP ").strip())
