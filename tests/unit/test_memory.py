@@ -1,4 +1,4 @@
-"""shim/memory.py: the zygote's memory steps do what they say and leave nothing behind."""
+"""shim/memory.py and shim/first_use.py: the zygote's memory steps do what they say and leave nothing behind."""
 
 from __future__ import annotations
 
@@ -60,6 +60,12 @@ def test_zygote_steps_leave_no_fds_threads_or_loop_and_skip_optional_modules():
         memory.after_freeze()
         assert "shim.zygote" in sys.modules
         assert serve._serve.__code__ is not unpacked, "the code servers run is not packed"
+        if sys.version_info[:2] == (3, 12):  # first_use ran: a function servers run has its version
+            import ctypes
+            from shim import first_use
+            from shim.stdio.relay import Relay
+            offset = first_use._fresh_version()[0]
+            assert ctypes.c_uint32.from_address(id(Relay._pump) + offset).value, "no version"
         assert sorted(os.listdir("/proc/self/fd")) == fds, "fds left open"
         assert os.listdir("/proc/self/task") == [str(os.getpid())], "threads"
         assert asyncio.events._get_running_loop() is None
@@ -116,7 +122,7 @@ def test_immortalized_module_objects_keep_their_counts_and_still_work():
 def test_tag_types_looks_up_plainly_and_survives_odd_objects():
     res = _run("""
         import weakref
-        from shim import memory
+        from shim import first_use
         calls = []
         class Meta(type):
             def __getattr__(cls, name):
@@ -125,7 +131,7 @@ def test_tag_types_looks_up_plainly_and_survives_odd_objects():
         class Odd(metaclass=Meta):
             x = 1
         proxy = weakref.proxy(Odd)  # claims to be a type: isinstance(proxy, type) is True
-        memory.tag_types()
+        first_use.tag_types()
         assert calls == [], calls
         assert Odd.x == 1 and proxy.x == 1
     """)
@@ -135,9 +141,9 @@ def test_tag_types_looks_up_plainly_and_survives_odd_objects():
 def test_tag_module_dicts_leaves_every_module_as_it_was():
     res = _run("""
         import sys, types
-        from shim import memory, serve  # noqa: F401 - what the zygote holds
+        from shim import first_use, serve  # noqa: F401 - what the zygote holds
         before = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if type(m) is types.ModuleType}
-        memory.tag_module_dicts()
+        first_use.tag_module_dicts()
         after = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if type(m) is types.ModuleType}
         assert before.keys() == after.keys(), "a module came or went"
         changed = [n for n in before if n != "__main__" and before[n].keys() != after[n].keys()
@@ -149,7 +155,7 @@ def test_tag_module_dicts_leaves_every_module_as_it_was():
 
 def test_fill_instance_keys_runs_no_class_code():
     res = _run("""
-        from shim import memory
+        from shim import first_use
         calls = []
         class Plain:
             def __init__(self, a):
@@ -182,8 +188,8 @@ def test_fill_instance_keys_runs_no_class_code():
                 return super().__new__(cls)
             def __init__(self):
                 self.w = 1
-        assert memory._init_attributes(Plain.__init__) == ["a", "b"]
-        memory.fill_instance_keys()
+        assert first_use._init_attributes(Plain.__init__) == ["a", "b"]
+        first_use.fill_instance_keys()
         assert calls == [], calls
         p = Plain(1)
         assert (p.a, p.b, vars(p)) == (1, 2, {"a": 1, "b": 2})
@@ -195,19 +201,19 @@ def test_fill_instance_keys_runs_no_class_code():
 def test_version_functions_numbers_what_servers_run_and_calls_still_work():
     res = _run("""
         import ctypes, sys
-        from shim import memory, serve, zygote  # noqa: F401 - what the zygote holds
+        from shim import first_use, serve, zygote  # noqa: F401 - what the zygote holds
         if sys.version_info[:2] != (3, 12):
-            assert memory.version_functions() == 0
+            assert first_use.version_functions() == 0
             print("SKIP function versions are handed out on CPython 3.12 only, this is", sys.version)
             raise SystemExit(0)
-        offset, first = memory._fresh_version()
-        again, second = memory._fresh_version()
+        offset, first = first_use._fresh_version()
+        again, second = first_use._fresh_version()
         assert offset == again and 0 < first < second, (offset, again, first, second)
         unpack = zygote._unpack  # in the profile: servers run it
         unpack.__code__ = unpack.__code__  # as code_layout.pack does: that resets the version
         field = ctypes.c_uint32.from_address(id(unpack) + offset)
         assert field.value == 0
-        assert memory.version_functions() >= 1
+        assert first_use.version_functions() >= 1
         assert field.value > second, "a fresh number"
         data = zygote._pack([b"a", b"bc"])
         assert [unpack(data) for _ in range(6)] == [[b"a", b"bc"]] * 6  # through a specialised call
