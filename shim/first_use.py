@@ -39,37 +39,44 @@ def _init_attributes(init: object) -> list[str]:
     return names
 
 
+_SHARED_KEYS_MAX = 30  # CPython 3.11-3.12: the most names one class's shared keys hold
+
+
 def fill_instance_keys() -> None:
-    """Put each class's instance attribute names into its shared keys now, as its first instance would.
+    """Put each class's instance attribute names into its shared keys now, as its first instances would.
 
     CPython keeps the names of a class's instance attributes in one keys table per class, which the
-    first instance made fills as it sets them: for a class only servers make instances of (most of the
-    shim's), a write to the zygote's page in every server. A bare instance (``object.__new__``, no
-    ``__init__`` run) gets the names ``__init__`` assigns ``self.<name>``, with ``object.__setattr__``;
-    classes with their own ``__new__``, ``__setattr__``, ``__del__`` or a data descriptor of that name
-    are left alone, so no code of theirs runs."""
+    first instance made fills as it sets them; and each new instance counts down the room it leaves for
+    more (3.12: ``dk_usable``), down to 1. For a class only servers make instances of (most of the
+    shim's), both are writes to the zygote's page in every server. Here bare instances
+    (``object.__new__``, no ``__init__`` run) do both: the first gets the names ``__init__`` assigns
+    ``self.<name>``, with ``object.__setattr__``, and as many more are made as the count can go down.
+    Only classes whose instances are a bare object underneath (no C fields, no ``__slots__``) are done,
+    and not those with their own ``__new__``, ``__setattr__``, ``__del__`` or a data descriptor of such
+    a name, so no code of theirs runs."""
     import gc
 
     def static(cls: type, name: str) -> object:  # a class attribute, without running a descriptor
         return next((vars(base)[name] for base in cls.__mro__ if name in vars(base)), None)
 
-    plain_new, plain_setattr = object.__new__, object.__setattr__
+    plain_new, plain_setattr, plain_size = object.__new__, object.__setattr__, object.__basicsize__
     for cls in gc.get_objects():
-        if not issubclass(type(cls), type) or static(cls, "__new__") is not static(object, "__new__") \
+        if not issubclass(type(cls), type) or cls.__basicsize__ != plain_size or cls.__itemsize__ \
+                or static(cls, "__new__") is not static(object, "__new__") \
                 or static(cls, "__setattr__") is not plain_setattr \
                 or any("__del__" in vars(base) for base in cls.__mro__[:-1]):
-            continue
+            continue  # C fields an instance made without __init__ would hold unset, or code of the class
         names = [n for n in _init_attributes(static(cls, "__init__"))
                  if not hasattr(type(static(cls, n)), "__set__")]
-        if not names:
-            continue
         try:
             bare = plain_new(cls)
             for name in names:
                 plain_setattr(bare, name, None)
+            del bare
+            for _ in range(_SHARED_KEYS_MAX):
+                plain_new(cls)  # made and dropped: what counts is that it was made
         except (TypeError, AttributeError):  # abstract, not a plain object underneath, __slots__
             continue
-        del bare
 
 
 _CALL = compile("def call(function):\n    return function()\n", "<pyrunc-probe>", "exec")

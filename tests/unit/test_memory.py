@@ -191,7 +191,13 @@ def test_fill_instance_keys_runs_no_class_code():
         assert first_use._init_attributes(Plain.__init__) == ["a", "b"]
         first_use.fill_instance_keys()
         assert calls == [], calls
+        import ctypes, sys
+        region = sys.getsizeof(Plain)  # 3.12: the class, then its shared keys
+        before = ctypes.string_at(id(Plain), region)
         p = Plain(1)
+        after = ctypes.string_at(id(Plain), region)
+        if sys.version_info[:2] == (3, 12):  # only the class's reference count moved
+            assert [i for i in range(8, region) if before[i] != after[i]] == []
         assert (p.a, p.b, vars(p)) == (1, 2, {"a": 1, "b": 2})
         assert Guarded().x == 1 and Finalised().y == 1 and Made().w == 1
     """)
