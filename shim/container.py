@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 from collections.abc import Callable
 
@@ -465,6 +464,8 @@ class Container:
             raise
         finally:
             if not opts.work_path:
+                import shutil  # checkpoints only: not in the zygote, which every server shares
+
                 shutil.rmtree(work, ignore_errors=True)
         return image
 
@@ -475,6 +476,8 @@ class Container:
         first_line = reason.split("\n", 1)[0]
         message = f"OCI runtime checkpoint failed: {first_line}"
         dump_log = os.path.join(self.bundle, "criu-dump.log")
+        import shutil
+
         try:
             shutil.copyfile(os.path.join(work, "dump.log"), dump_log)
         except OSError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from dataclasses import asdict, dataclass, fields
 
 from google.protobuf import any_pb2
@@ -96,6 +95,8 @@ def from_bytes(data: bytes) -> RuncOptions:
 
 def from_config_file(path: str) -> RuncOptions:
     """A TOML file whose keys are Options' field names (``binary_name = "crun"``, ``root = …``)."""
+    import tomllib  # here: rarely used, and the zygote would hold it for every server
+
     try:
         with open(path, "rb") as f:
             table = tomllib.load(f)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shim import tmp
 from shim.reaper import DEVNULL, PIPE, Reaper
 from shim.runc._capture import Capture, data_fd
 from shim.runc.errors import RuncError, last_log_error, log_offset
@@ -200,17 +201,8 @@ def _process_stdio(console_socket: str | None, stdin: int | None, stdout: int | 
 
 
 def _write_spec(process_json: bytes) -> str:
-    # Where go-runc puts it (os.CreateTemp in $XDG_RUNTIME_DIR, else the temp dir). Not tempfile.mkstemp:
-    # its first call in a process seeds a random generator and test-writes a file in each candidate temp
-    # dir, on the first exec of every shim. A random name, created exclusively: safe in a shared /tmp.
-    directory = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
-    while True:
-        path = os.path.join(directory, f"runc-process{os.urandom(8).hex()}.json")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            break
-        except FileExistsError:
-            continue
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    path, fd = tmp.create("runc-process", ".json", lambda path: os.open(path, flags, 0o600))  # as go-runc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(process_json)

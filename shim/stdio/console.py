@@ -13,12 +13,11 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import termios
 
+from shim import tmp
 from shim.stdio.relay import pending_bytes, wait_readable
 
 MAX_NAME = 4096  # runc sends the pty's path as the message's data
@@ -30,7 +29,7 @@ class ConsoleSocket:
     """A listening unix socket in a temp dir of its own; :meth:`receive` returns the master fd."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="pty", dir=os.environ.get("XDG_RUNTIME_DIR") or None)
+        self.dir, _ = tmp.create("pty", "", lambda path: os.mkdir(path, 0o700))  # as go-runc
         self.path = os.path.join(self.dir, "pty.sock")
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -38,7 +37,7 @@ class ConsoleSocket:
             self._sock.bind(self.path)
             self._sock.listen(1)
         except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove()
             raise
 
     async def receive(self) -> int:
@@ -76,7 +75,13 @@ class ConsoleSocket:
         """Stop listening and remove the socket and its directory."""
         with contextlib.suppress(OSError):
             self._sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove()
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
 
 
 def _rights(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
