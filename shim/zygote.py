@@ -39,12 +39,15 @@ def socket_path(address: str, directory: str = ZYGOTE_DIR) -> str:
     from shim.cli import _sha256 as sha256  # not hashlib: its import is heavier than this whole module
 
     key = [sys.executable, address]
-    for top, dirs, files in os.walk(_SHIM_DIR):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for name in sorted(files):
-            if name.endswith(".py"):
-                st = os.stat(os.path.join(top, name))
-                key.append(f"{top}/{name}:{st.st_size}:{st.st_mtime_ns}")
+    todo = [_SHIM_DIR]
+    while todo:  # scandir, not os.walk: this runs in every start (~0.5 ms less)
+        with os.scandir(todo.pop()) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.name.endswith(".py"):
+                    st = entry.stat()
+                    key.append(f"{entry.path}:{st.st_size}:{st.st_mtime_ns}")
+                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
     return os.path.join(directory, "pyrunc-zygote-" + sha256("\0".join(key).encode()).hexdigest()[:32])
 
 

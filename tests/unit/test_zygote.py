@@ -44,6 +44,23 @@ def test_socket_path_depends_on_address_and_code(short_tmp):
     assert a.startswith(str(short_tmp) + "/pyrunc-zygote-") and len(a) < 108
 
 
+def test_socket_path_changes_with_any_source_file(short_tmp, tmp_path, monkeypatch):
+    package = tmp_path / "shim"
+    (package / "sub" / "__pycache__").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 1\n")
+    monkeypatch.setattr(zygote, "_SHIM_DIR", str(package))
+    first = zygote.socket_path("/run/a.sock", str(short_tmp))
+    (package / "sub" / "__pycache__" / "b.cpython-312.pyc").write_bytes(b"compiled")
+    (package / "notes.txt").write_text("not code")
+    assert zygote.socket_path("/run/a.sock", str(short_tmp)) == first, "only .py files count"
+    (package / "sub" / "b.py").write_text("y = 22\n")
+    second = zygote.socket_path("/run/a.sock", str(short_tmp))
+    assert second != first, "an edited module in a subpackage"
+    (package / "sub" / "c.py").write_text("")
+    assert zygote.socket_path("/run/a.sock", str(short_tmp)) not in (first, second), "a new module"
+
+
 def test_opt_out(monkeypatch):
     monkeypatch.setenv("PYRUNC_ZYGOTE", "0")
     assert not zygote.enabled()
