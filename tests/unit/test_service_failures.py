@@ -4,7 +4,6 @@ runc of test_checkpoint: the codes containerd acts on, and nothing left running 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from pathlib import Path
@@ -76,23 +75,6 @@ def test_a_bad_pid_file_is_the_runtimes_failure_never_the_callers(tmp_path: Path
         os.kill(exec_pid, signal.SIGKILL)
         await until_gone([exec_pid])
         await kill_and_delete(s)
-
-    run(tmp_path, fake, test)
-
-
-def test_a_restore_with_a_bad_pid_file_is_unknown(tmp_path: Path, fake: Fake) -> None:
-    async def test(s: Stack) -> None:
-        await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle), checkpoint="/img"))
-        fake.behave(restore={"bad_pid": True})
-        code, message = await code_of(s.acall("Start", api.StartRequest(id=CID)))
-        assert (code, message) == (Code.UNKNOWN, f"OCI runtime restore failed: bad pid file {s.bundle}/init.pid: "
-                                                 "invalid literal for int() with base 10: 'not-a-pid'")
-        for pid in fake.spawned():  # whether the shim killed it already or not
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        await until_gone(fake.spawned())
-        fake.behave(delete={"error": f"container {CID} does not exist"})
-        await s.acall("Delete", api.DeleteRequest(id=CID))
 
     run(tmp_path, fake, test)
 
@@ -219,13 +201,16 @@ def test_a_restore_failing_after_runc_restored_deletes_it_from_runc(tmp_path: Pa
     async def test(s: Stack) -> None:
         await s.acall("Create", api.CreateTaskRequest(id=CID, bundle=str(s.bundle), checkpoint="/img"))
         fake.behave(restore={"bad_pid": True})
-        code, _ = await code_of(s.acall("Start", api.StartRequest(id=CID)))
-        assert code == Code.UNKNOWN
+        code, message = await code_of(s.acall("Start", api.StartRequest(id=CID)))
+        assert (code, message) == (Code.UNKNOWN, f"OCI runtime restore failed: bad pid file {s.bundle}/init.pid: "
+                                                 "invalid literal for int() with base 10: 'not-a-pid'")
         assert [argv[GLOBAL_FLAGS:] for argv in fake.calls()] == [
             ["restore", "--image-path", "/img", "--detach", "--pid-file", f"{s.bundle}/init.pid", "--no-subreaper",
              "--bundle", str(s.bundle), CID],
             ["delete", "--force", CID]]
         await until_gone(fake.spawned())
         assert (await s.acall("State", api.StateRequest(id=CID))).status == types.CREATED
+        fake.behave(delete={"error": f"container {CID} does not exist"})
+        await s.acall("Delete", api.DeleteRequest(id=CID))
 
     run(tmp_path, fake, test)

@@ -92,6 +92,16 @@ async def process_fds(pio: ProcessIO, *used: int) -> list[int]:
     return [os.dup(fd) if i in used else -1 for i, fd in enumerate(pio.child_fds)]
 
 
+async def wrote_and_exited(reaper: Reaper, stdout: str, data: bytes) -> ProcessIO:
+    """Started stdio to ``stdout`` whose process wrote ``data`` and closed its end (as at its exit)."""
+    pio = await open_io(reaper, Stdio("", stdout, ""))
+    _, p_out, _ = await process_fds(pio, 1)
+    await pio.start()
+    os.write(p_out, data)
+    os.close(p_out)
+    return pio
+
+
 def test_pipes_stdout_direct_stderr_relayed_stdin_until_closeio(tmp_path):
     stdin, stdout, stderr = fifos(tmp_path, "in", "out", "err")
 
@@ -155,11 +165,7 @@ def test_exit_waits_while_the_client_reads_the_fifo(tmp_path, monkeypatch):
 
     async def main(reaper: Reaper) -> None:
         keep_open = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)  # a reader that reads nothing
-        pio = await open_io(reaper, Stdio("", stdout, ""))
-        _, p_out, _ = await process_fds(pio, 1)
-        await pio.start()
-        os.write(p_out, b"z" * 500000)
-        os.close(p_out)
+        pio = await wrote_and_exited(reaper, stdout, b"z" * 500000)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await pio.drain(2)
@@ -189,11 +195,7 @@ def test_the_wait_for_a_slow_reader_ends_with_the_callers_timeout(tmp_path):
 
     async def main(reaper: Reaper) -> None:
         reader = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
-        pio = await open_io(reaper, Stdio("", stdout, ""))
-        _, p_out, _ = await process_fds(pio, 1)
-        await pio.start()
-        os.write(p_out, b"z" * 500000)
-        os.close(p_out)
+        pio = await wrote_and_exited(reaper, stdout, b"z" * 500000)
         stop = threading.Event()
 
         def slow_read() -> None:  # about 100 kB/s: five seconds for all of it
