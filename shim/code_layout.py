@@ -59,19 +59,13 @@ def pack(hot: Sequence[str]) -> int:
             found = holds[id(code)] = key(code) in rank or any([holds_hot(c) for c in _nested(code)])
         return found
 
-    hot_codes = {id(f.__code__): f.__code__ for f in functions if holds_hot(f.__code__)}
-    todo = list(hot_codes.values())
-    while todo:  # and the nested code that holds hot code (made into functions later)
-        for c in _nested(todo.pop()):
-            if holds_hot(c) and id(c) not in hot_codes:
-                hot_codes[id(c)] = c
-                todo.append(c)
+    tops = {id(f.__code__): f.__code__ for f in functions if holds_hot(f.__code__)}
     # The order to make the copies in, each code after the hot code it holds, worked out before the first
     # copy: nothing else the interpreter allocates on the way lands between two copies.
     last = len(rank)
     order: list[types.CodeType] = []
     placed: set[int] = set()
-    for top in sorted(hot_codes.values(), key=lambda c: rank.get(key(c), last)):
+    for top in sorted(tops.values(), key=lambda c: rank.get(key(c), last)):
         stack = [(top, False)]
         while stack:
             code, children_done = stack.pop()
@@ -82,14 +76,13 @@ def pack(hot: Sequence[str]) -> int:
                 order.append(code)
             else:
                 stack.append((code, True))
-                stack.extend((c, False) for c in reversed(_nested(code)) if holds[id(c)])
+                stack.extend((c, False) for c in reversed(_nested(code)) if holds_hot(c))
     replaced: dict[int, types.CodeType | None] = dict.fromkeys(placed)  # sized once
     for code in order:  # code.replace() reads these; each is made (and kept) on first access: now
         code.co_code, code.co_varnames, code.co_cellvars, code.co_freevars  # noqa: B018
     for code in order:
-        nested = _nested(code)
-        if any(holds[id(c)] for c in nested):
-            consts = tuple(replaced[id(c)] if type(c) is types.CodeType and holds[id(c)] else c
+        if any(holds_hot(c) for c in _nested(code)):
+            consts = tuple(replaced[id(c)] if type(c) is types.CodeType and holds_hot(c) else c
                            for c in code.co_consts)
             replaced[id(code)] = code.replace(co_consts=consts)
         else:

@@ -168,9 +168,7 @@ def tag_module_dicts() -> None:
     specialises a global or module attribute lookup in that module, which for modules only servers run
     (most of ``shim``) would be a write to the zygote's page in each. A specialised ``module.__name__``
     does it: a fresh copy of the probe's code per module, as one site specialises for one module only."""
-    namespace: dict[str, object] = {}
-    exec(_MODULE_PROBE, namespace)
-    code = namespace["probe"].__code__  # type: ignore[attr-defined]
+    code = _code_of(_MODULE_PROBE, "probe")
     for module in list(sys.modules.values()):
         if type(module) is types.ModuleType:
             probe = types.FunctionType(code.replace(), {})  # new bytecode, new counters
